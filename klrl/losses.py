@@ -95,18 +95,21 @@ def pg_term(ratio: Tensor, adv: Tensor, pg: PGSpec) -> Tensor:
     return -ratio * adv
 
 
-def aggregate(per_token: Tensor, mask: Tensor, agg: str) -> tuple[Tensor, Tensor]:
+def aggregate(per_token: Tensor, mask: Tensor, agg: str, token_norm: float | None = None) -> tuple[Tensor, Tensor]:
     """Reduce masked per-token losses to (scalar, per-sequence contributions).
 
     seq_sum:             mean_i sum_t l_it. The gradient of the sequence-level objective, unscaled (the paper's form).
     token_mean:          sum_it l_it / sum_it m_it. Every token weighs the same; long responses weigh more.
     seq_mean_token_mean: mean_i (sum_t l_it / T_i). Original GRPO; down-weights long responses' tokens.
+    token_norm: tokens per sequence over the *whole* batch, so that token_mean stays exact when the batch is split
+    into micro-batches or data-parallel shards (default: this call's own mean).
     """
     per_token = per_token * mask
     if agg == "seq_sum":
         per_seq = per_token.sum(-1)
     elif agg == "token_mean":
-        per_seq = per_token.sum(-1) * (mask.shape[0] / mask.sum().clamp(min=1))
+        norm = token_norm if token_norm is not None else (mask.sum() / mask.shape[0]).clamp(min=1e-9)
+        per_seq = per_token.sum(-1) / norm
     elif agg == "seq_mean_token_mean":
         per_seq = per_token.sum(-1) / mask.sum(-1).clamp(min=1)
     else:
@@ -123,6 +126,7 @@ def policy_loss(
     group_size: int,
     pg: PGSpec,
     kl: KLSpec,
+    token_norm: float | None = None,
 ) -> LossOut:
     """The loss for one batch.
 
@@ -176,7 +180,7 @@ def policy_loss(
     adv = group_advantages(adv_rewards, group_size, pg.baseline)
     adv_tok = adv[:, None] - token_shift
     pg_tok = pg_term(ratio, adv_tok, pg)
-    loss, per_seq = aggregate(pg_tok + extra, mask, pg.agg)
+    loss, per_seq = aggregate(pg_tok + extra, mask, pg.agg, token_norm)
 
     with torch.no_grad():
         n = mask.sum().clamp(min=1)

@@ -1,0 +1,57 @@
+"""`klrl train`: the Hydra application around the trainer core, with one-line errors for bad input."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import sys
+import traceback
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from klrl.config import ConfigError, register_configs
+from klrl.rundir import SUMMARY, read_json, write_json
+
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+log = logging.getLogger("klrl")
+register_configs()
+
+
+def fail(msg: str, code: int = 2) -> None:
+    print(f"klrl: {msg}", file=sys.stderr)
+    sys.exit(code)
+
+
+def _remove_if_fresh(run_dir: Path) -> None:
+    """A run that never started leaves no directory behind (Hydra creates it before calling us)."""
+    if any(p.name not in (".hydra", "train.log") for p in run_dir.iterdir()):
+        return
+    shutil.rmtree(run_dir, ignore_errors=True)
+    parent = run_dir.parent
+    while parent.name not in ("outputs", "") and parent.exists() and not any(parent.iterdir()):
+        parent.rmdir()
+        parent = parent.parent
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
+def train_main(cfg: DictConfig) -> str:
+    from klrl.trainer import train
+
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        status = train(cfg, run_dir)
+    except ConfigError as e:
+        _remove_if_fresh(run_dir)
+        fail(str(e))
+    except (Exception, KeyboardInterrupt) as e:
+        summary_path = run_dir / SUMMARY
+        summary = read_json(summary_path) if summary_path.exists() else {"steps": cfg.steps}
+        summary.update(status="failed", error=f"{type(e).__name__}: {e}")
+        write_json(summary_path, summary)
+        log.error("run failed:\n%s", traceback.format_exc())
+        fail(f"run failed ({type(e).__name__}: {e}); see {run_dir}", code=1)
+    log.info("%s: %s", status, run_dir)
+    return status

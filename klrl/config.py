@@ -1,0 +1,270 @@
+"""Structured config schemas (types checked by Hydra at compose time) and the semantic validation of a run.
+
+The YAML files in conf/ fill these schemas. ``validate`` turns every combination that would be silently inert or
+meaningless into a ``ConfigError`` with one line naming the bad value and the valid choices. It runs before any
+model is built.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from klrl.estimators import ESTIMATORS
+from klrl.losses import AGGREGATIONS, BASELINES, REWARD_FORMS, KLSpec, PGSpec
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; its message is the single line the user sees."""
+
+
+@dataclass
+class WarmStartConfig:
+    steps: int = 1000
+    lr: float = 3e-3
+    batch_size: int = 64
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    source: str = MISSING  # tiny | hf | smollm2
+    dtype: str = "float32"
+    chat_template: bool = False
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class TinyModelConfig(ModelConfig):
+    """A small transformers causal LM built from a config, with a character tokenizer built offline."""
+
+    arch: str = "llama"  # llama | qwen2
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    intermediate_size: int = 256
+    max_positions: int = 64
+    warmstart: WarmStartConfig = field(default_factory=WarmStartConfig)
+
+
+@dataclass
+class HFModelConfig(ModelConfig):
+    """A pretrained Hugging Face checkpoint: a hub id or a local directory."""
+
+    hf_id: str = MISSING
+    revision: Optional[str] = None
+    attn_implementation: Optional[str] = None
+
+
+@dataclass
+class TaskConfig:
+    name: str = MISSING
+    max_new_tokens: int = 16
+    eval_size: int = 200  # problems per evaluation split
+
+
+@dataclass
+class ArithTaskConfig(TaskConfig):
+    """Synthetic addition: in-domain operands of `digits` digits, out-of-domain `ood_digits`."""
+
+    digits: int = 2
+    ood_digits: int = 1
+    train_size: int = 0  # 0 = sample fresh problems every step
+
+
+@dataclass
+class EstimatorConfig:
+    name: str = MISSING  # none | k1 | k2 | k3
+    clamp: Optional[float] = None  # clamp of the log-ratio, off by default
+
+
+@dataclass
+class PlacementConfig:
+    name: str = MISSING  # none | reward | loss | both
+    reward_form: Optional[str] = None  # seqsum | togo (reward placements only)
+    reward_is_weight: Optional[bool] = None  # sequence-level IS weight on the reward KL (reward placements only)
+    loss_is_weight: Optional[bool] = None  # rho_t * k_t (loss placements only)
+
+
+@dataclass
+class AlgoConfig:
+    name: str = MISSING
+    baseline: str = "rloo"
+    group_size: int = 8
+    prompts_per_step: int = 32
+    agg: str = "seq_sum"
+    updates_per_batch: int = 1  # > 1 needs ratio_clip: several optimizer steps on one batch, PPO style
+    ratio_clip: Optional[float] = None
+    is_truncate: Optional[float] = None
+    micro_batch_size: Optional[int] = None  # sequences per forward/backward; None = the whole batch
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.99])
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    warmup_steps: int = 0
+
+
+@dataclass
+class EvalConfig:
+    every: int = 0  # 0 = only at the start and at the end
+    n_samples: int = 4  # samples per problem at temperature 1.0 for pass@1
+    greedy: bool = True
+    bootstrap: int = 1000
+    at_start: bool = True
+
+
+@dataclass
+class GenerationConfig:
+    backend: str = "hf"  # hf | vllm
+    temperature: float = 1.0
+    top_p: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = MISSING
+    task: TaskConfig = MISSING
+    estimator: EstimatorConfig = MISSING
+    placement: PlacementConfig = MISSING
+    algo: AlgoConfig = MISSING
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    beta: float = 0.05
+    steps: int = 100
+    seed: int = 0
+    resume: bool = False
+    ckpt_every: int = 50
+    device: str = "auto"  # auto | cpu | cuda
+    cache_dir: str = "${oc.env:KLRL_CACHE,${oc.env:HOME}/.cache/klrl}"
+    progress: bool = True
+    tensorboard: bool = True
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig)
+    cs.store(group="model", name="tiny_schema", node=TinyModelConfig)
+    cs.store(group="model", name="hf_schema", node=HFModelConfig)
+    cs.store(group="task", name="arith_schema", node=ArithTaskConfig)
+    cs.store(group="task", name="task_schema", node=TaskConfig)
+    cs.store(group="estimator", name="estimator_schema", node=EstimatorConfig)
+    cs.store(group="placement", name="placement_schema", node=PlacementConfig)
+    cs.store(group="algo", name="algo_schema", node=AlgoConfig)
+
+
+ESTIMATOR_CHOICES = ("none", *ESTIMATORS)
+PLACEMENTS = {"none": (False, False), "reward": (True, False), "loss": (False, True), "both": (True, True)}
+
+
+def _choice(what: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise ConfigError(f"{what}={value!r} is not valid; choose from: {', '.join(map(str, choices))}")
+
+
+def kl_spec(cfg: DictConfig) -> KLSpec:
+    """The KL part of the loss, from a validated config."""
+    in_reward, in_loss = PLACEMENTS[cfg.placement.name]
+    p = cfg.placement
+    return KLSpec(
+        estimator=None if cfg.estimator.name == "none" else cfg.estimator.name,
+        beta=float(cfg.beta),
+        in_reward=in_reward,
+        reward_form=p.reward_form or "seqsum",
+        reward_is_weight=bool(p.reward_is_weight),
+        in_loss=in_loss,
+        loss_is_weight=bool(p.loss_is_weight),
+        clamp=cfg.estimator.clamp,
+    )
+
+
+def pg_spec(cfg: DictConfig) -> PGSpec:
+    a = cfg.algo
+    return PGSpec(baseline=a.baseline, agg=a.agg, ratio_clip=a.ratio_clip, is_truncate=a.is_truncate)
+
+
+def validate(cfg: DictConfig) -> None:
+    """Reject bad values and silently-inert combinations. Cheap: touches no model and no data."""
+    from klrl.models import SOURCES
+    from klrl.tasks import TASKS
+
+    _choice("estimator", cfg.estimator.name, ESTIMATOR_CHOICES)
+    _choice("placement", cfg.placement.name, tuple(PLACEMENTS))
+    _choice("algo.baseline", cfg.algo.baseline, BASELINES)
+    _choice("algo.agg", cfg.algo.agg, AGGREGATIONS)
+    _choice("model.source", cfg.model.source, SOURCES)
+    _choice("task.name", cfg.task.name, tuple(TASKS))
+    _choice("device", cfg.device, ("auto", "cpu", "cuda"))
+    _choice("generation.backend", cfg.generation.backend, ("hf", "vllm"))
+    _choice("model.dtype", cfg.model.dtype, ("float32", "bfloat16", "float16"))
+
+    beta, est, place = cfg.beta, cfg.estimator.name, cfg.placement.name
+    if beta < 0:
+        raise ConfigError(f"beta={beta} is negative; the KL coefficient must be >= 0")
+    if est == "none":
+        if beta != 0:
+            raise ConfigError(f"beta={beta} with estimator=none would be ignored; set beta=0 or choose an estimator")
+        if place != "none":
+            raise ConfigError(f"placement={place} with estimator=none would be ignored; drop it (placement=none)")
+    else:
+        if place == "none":
+            raise ConfigError(f"estimator={est} with placement=none would be ignored; choose reward, loss or both")
+        if beta == 0:
+            raise ConfigError(f"beta=0 makes estimator={est} inert; use estimator=none for a run without KL")
+    in_reward, in_loss = PLACEMENTS[place]
+    p = cfg.placement
+    for key, applies, where in (
+        ("reward_form", in_reward, "reward or both"),
+        ("reward_is_weight", in_reward, "reward or both"),
+        ("loss_is_weight", in_loss, "loss or both"),
+    ):
+        if p[key] is not None and not applies:
+            raise ConfigError(f"placement.{key}={p[key]} has no effect with placement={place}; it needs {where}")
+    if p.reward_form is not None:
+        _choice("placement.reward_form", p.reward_form, REWARD_FORMS)
+    if p.reward_is_weight and p.reward_form == "togo":
+        raise ConfigError("placement.reward_is_weight=true applies to the seqsum form only; set placement.reward_form=seqsum")
+    if cfg.estimator.clamp is not None and (est == "none" or cfg.estimator.clamp <= 0):
+        raise ConfigError(f"estimator.clamp={cfg.estimator.clamp} needs an estimator and a positive value")
+
+    a = cfg.algo
+    if a.group_size < 2 and a.baseline != "none":
+        raise ConfigError(f"algo.group_size={a.group_size} is too small for baseline {a.baseline}; it needs >= 2")
+    if p.reward_is_weight and a.group_size < 2:
+        raise ConfigError(f"algo.group_size={a.group_size}: placement.reward_is_weight needs >= 2 (leave-one-out)")
+    for key in ("prompts_per_step", "updates_per_batch"):
+        if a[key] < 1:
+            raise ConfigError(f"algo.{key}={a[key]} must be >= 1")
+    if a.updates_per_batch > 1 and a.ratio_clip is None and a.is_truncate is None:
+        raise ConfigError(
+            f"algo.updates_per_batch={a.updates_per_batch} needs algo.ratio_clip (PPO) or algo.is_truncate: "
+            "later updates are off-policy"
+        )
+    if a.ratio_clip is not None and a.is_truncate is not None:
+        raise ConfigError("algo.ratio_clip and algo.is_truncate are alternatives; set only one")
+    if a.micro_batch_size is not None and (a.micro_batch_size < 1 or a.micro_batch_size % a.group_size):
+        raise ConfigError(f"algo.micro_batch_size={a.micro_batch_size} must be a positive multiple of group_size={a.group_size}")
+    if cfg.steps < 1:
+        raise ConfigError(f"steps={cfg.steps} must be >= 1")
+    if cfg.ckpt_every < 1:
+        raise ConfigError(f"ckpt_every={cfg.ckpt_every} must be >= 1")
+    if cfg.optim.lr <= 0:
+        raise ConfigError(f"optim.lr={cfg.optim.lr} must be > 0")
+    if cfg.eval.n_samples < 1 or cfg.eval.every < 0:
+        raise ConfigError(f"eval.n_samples={cfg.eval.n_samples} / eval.every={cfg.eval.every} must be >= 1 / >= 0")
+    if cfg.generation.temperature <= 0 or not 0 < cfg.generation.top_p <= 1:
+        raise ConfigError("generation.temperature must be > 0 and generation.top_p in (0, 1]")
+    TASKS[cfg.task.name].check(cfg.task)
+    SOURCES[cfg.model.source].check(cfg.model)
+
+
+def to_container(cfg: DictConfig) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]

@@ -1,0 +1,117 @@
+"""The run directory: atomic files, checkpoints, metrics.jsonl, summary.json.
+
+Layout:
+  .hydra/            resolved config (written by Hydra)
+  metrics.jsonl      one JSON object per training step (and per evaluation)
+  summary.json       status (running | completed | diverged | failed), step reached, final evaluation
+  checkpoint.pt      model, optimizer, scheduler, RNG states, step: written at a temporary name, then renamed
+  tb/                TensorBoard events
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+SUMMARY, METRICS, CHECKPOINT = "summary.json", "metrics.jsonl", "checkpoint.pt"
+
+
+def atomic_write(path: Path, write: Callable[[Any], None], mode: str = "w") -> None:
+    """Write via a temporary file in the same directory, fsync, then rename over `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, obj: Any) -> None:
+    atomic_write(path, lambda f: json.dump(obj, f, indent=2, sort_keys=True, default=str))
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / METRICS
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+
+
+def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, extra: dict | None = None) -> None:
+    state = {
+        "step": step,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "rng": rng_state(),
+        **(extra or {}),
+    }
+    atomic_write(Path(run_dir) / CHECKPOINT, lambda f: torch.save(state, f), mode="wb")
+
+
+def load_checkpoint(run_dir: Path) -> dict | None:
+    path = Path(run_dir) / CHECKPOINT
+    return torch.load(path, map_location="cpu", weights_only=False) if path.exists() else None
+
+
+class MetricsLog:
+    """metrics.jsonl (append-only, one line written whole per record), TensorBoard, and a live progress bar."""
+
+    def __init__(self, run_dir: Path, start_step: int, total: int, tensorboard: bool, progress: bool):
+        self.path = Path(run_dir) / METRICS
+        # After a resume, drop records from steps past the checkpoint: they will be produced again, identically.
+        kept = [r for r in read_metrics(run_dir) if r["step"] <= start_step] if start_step else []
+        atomic_write(self.path, lambda f: f.writelines(json.dumps(r) + "\n" for r in kept))
+        self.tb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(Path(run_dir) / "tb"), purge_step=start_step + 1 if start_step else None)
+        self.bar = None
+        if progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=start_step, desc="train", dynamic_ncols=True, leave=True)
+
+    def write(self, record: dict) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k not in ("step",):
+                    self.tb.add_scalar(k, v, record["step"])
+        if self.bar is not None and record.get("kind") == "train":
+            self.bar.update(1)
+            self.bar.set_postfix(reward=f"{record['reward']:.3f}", kl=f"{record['kl/exact']:.4f}", refresh=False)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        if self.bar is not None:
+            self.bar.close()

@@ -1,0 +1,44 @@
+"""What a task is: problems with reference answers, evaluation splits, and a real answer checker."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Sequence
+
+from klrl.checkers import CHECKERS
+
+
+@dataclass(frozen=True)
+class Problem:
+    prompt: str  # the question as the user would ask it; chat templates are applied by the model side
+    answer: str  # the reference answer the checker compares against
+    checker: str = "exact"  # key into klrl.checkers.CHECKERS
+    meta: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+
+class Task:
+    """A verifiable task. Subclasses set `name`, implement `check`, `sample_train` and `eval_splits`."""
+
+    name: ClassVar[str]
+
+    @classmethod
+    def check(cls, cfg: Any) -> None:
+        """Cheap validation (values, data present) that raises ConfigError before any model is built."""
+
+    def __init__(self, cfg: Any, seed: int):
+        self.cfg, self.seed = cfg, seed
+
+    def sample_train(self, rng: random.Random, n: int) -> list[Problem]:
+        raise NotImplementedError
+
+    def sample_warmstart(self, rng: random.Random, n: int) -> list[Problem]:
+        """Problems for a supervised warm start (the "pre-training" of the embedded default)."""
+        return self.sample_train(rng, n)
+
+    def eval_splits(self) -> dict[str, Sequence[Problem]]:
+        """{"id": in-domain problems, "ood": out-of-domain problems} (fixed, independent of the run seed)."""
+        raise NotImplementedError
+
+    def score(self, problem: Problem, completion: str) -> float:
+        return CHECKERS[problem.checker](completion, problem.answer)

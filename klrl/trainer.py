@@ -1,0 +1,229 @@
+"""The one trainer core: every estimator x placement x model runs through `train`.
+
+Each step: sample prompts, generate G responses per prompt with the current policy, score them, then one forward
+pass per micro-batch for the policy (with grad) and the frozen reference (no grad), `policy_loss`, backward,
+clip, AdamW step. Every random draw of a step is seeded from (seed, step), so a run resumed from a checkpoint
+replays exactly the steps an uninterrupted run would have taken.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import random
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from klrl.config import ConfigError, kl_spec, pg_spec, validate
+from klrl.estimators import sequence_estimates
+from klrl.evaluate import evaluate
+from klrl.losses import policy_loss
+from klrl.models import load_model
+from klrl.rollout import decode_responses, encode_prompts, generate, kl_and_entropy, response_logits, token_logprobs
+from klrl.rundir import CHECKPOINT, SUMMARY, MetricsLog, load_checkpoint, read_json, save_checkpoint, set_rng_state, write_json
+from klrl.tasks import TASKS
+
+log = logging.getLogger(__name__)
+# Keys that may change between an interrupted run and its resumption without changing what it computes.
+RESUMABLE_KEYS = {"resume", "steps", "progress", "tensorboard", "ckpt_every", "device", "cache_dir"}
+
+
+class Diverged(Exception):
+    pass
+
+
+def step_seed(seed: int, step: int) -> int:
+    return (seed * 1_000_003 + step) % (2**63)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def comparable(cfg: DictConfig) -> dict:
+    c = OmegaConf.to_container(cfg, resolve=True)
+    return {k: v for k, v in c.items() if k not in RESUMABLE_KEYS}
+
+
+def config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += config_diff(va, vb, f"{prefix}{k}.")
+        elif va != vb:
+            out.append(f"{prefix}{k}: {va!r} -> {vb!r}")
+    return out
+
+
+def rl_step(step, cfg, model, ref, tokenizer, task, optimizer, scheduler, kl, pg) -> dict:
+    """One batch: generate, score, U optimizer updates. Returns the step's metrics; raises Diverged."""
+    t0 = time.perf_counter()
+    G, U = cfg.algo.group_size, cfg.algo.updates_per_batch
+    rng = random.Random(step_seed(cfg.seed, step))
+    torch.manual_seed(step_seed(cfg.seed, step))
+    problems = [p for p in task.sample_train(rng, cfg.algo.prompts_per_step) for _ in range(G)]
+    prompt_ids = encode_prompts(tokenizer, [p.prompt for p in problems], cfg.model.chat_template)
+    model.eval()
+    ro = generate(model, tokenizer, prompt_ids, cfg.task.max_new_tokens, cfg.generation.temperature, cfg.generation.top_p)
+    rewards = torch.tensor([task.score(p, t) for p, t in zip(problems, decode_responses(tokenizer, ro))])
+    t_gen = time.perf_counter() - t0
+
+    model.train()
+    device = next(model.parameters()).device
+    B = len(problems)
+    mb = cfg.algo.micro_batch_size or B
+    chunks = [slice(i, i + mb) for i in range(0, B, mb)]
+    n_tok = ro.response_mask.sum().item()
+    token_norm = n_tok / B
+    old_lp: list = [None] * len(chunks)
+    if U > 1:  # later updates are off-policy: keep the sampling policy's log-probs
+        with torch.no_grad():
+            for j, c in enumerate(chunks):
+                part = ro.select(c)
+                old_lp[j] = token_logprobs(response_logits(model, part), part.responses, part.response_mask.to(device))
+    ref_lp: list = [None] * len(chunks)
+    logged: dict = defaultdict(float)
+    grad_norms = []
+    for update in range(U):
+        optimizer.zero_grad(set_to_none=True)
+        for j, c in enumerate(chunks):
+            part = ro.select(c)
+            part_w = len(range(*c.indices(B))) / B
+            mask = part.response_mask.to(device)
+            logits = response_logits(model, part)
+            logp = token_logprobs(logits, part.responses, mask)
+            if not torch.isfinite(logp).all():
+                raise Diverged("non-finite log-probs")
+            if update == 0:
+                with torch.no_grad():
+                    ref_logits = response_logits(ref, part)
+                    ref_lp[j] = token_logprobs(ref_logits, part.responses, mask)
+                    exact_kl, ent = kl_and_entropy(logits.detach(), ref_logits, mask)
+                    del ref_logits
+                    logged["kl/exact"] += exact_kl.mean().item() * part_w
+                    logged["entropy"] += ent.sum().item() / max(n_tok, 1)
+                    for name, v in sequence_estimates(logp, ref_lp[j], mask).items():
+                        logged[f"kl/{name}"] += v.mean().item() * part_w
+            old = old_lp[j] if U > 1 else logp.detach()
+            out = policy_loss(logp, old, ref_lp[j], mask, rewards[c].to(device), G, pg, kl, token_norm=token_norm)
+            if not torch.isfinite(out.loss):
+                raise Diverged("non-finite loss")
+            (out.loss * part_w).backward()
+            if update == 0:
+                logged["loss"] += out.loss.item() * part_w
+                for k, v in out.stats.items():
+                    logged[k] += v.item() * part_w
+        max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
+        gn = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+        if not torch.isfinite(gn):
+            raise Diverged("non-finite gradient norm")
+        grad_norms.append(gn.item())
+        optimizer.step()
+        scheduler.step()
+    t_total = time.perf_counter() - t0
+    return {
+        "step": step + 1,
+        "kind": "train",
+        "reward": rewards.mean().item(),
+        "accuracy": (rewards >= 1).float().mean().item(),
+        "response_length": n_tok / B,
+        "grad_norm": grad_norms[0],
+        "lr": scheduler.get_last_lr()[0],
+        "time/step": t_total,
+        "time/generate": t_gen,
+        "tokens_per_s/generate": n_tok / max(t_gen, 1e-9),
+        "tokens_per_s/train": n_tok * U / max(t_total - t_gen, 1e-9),
+        **dict(logged),
+    }
+
+
+def check_run_dir(cfg: DictConfig, run_dir: Path) -> None:
+    """Refuse to silently overwrite or extend an existing run."""
+    if (run_dir / CHECKPOINT).exists() and not cfg.resume:
+        raise ConfigError(f"{run_dir} already holds a checkpoint; pass resume=true to continue it, or pick another hydra.run.dir")
+
+
+def train(cfg: DictConfig, run_dir: Path) -> str:
+    """Train one configuration in run_dir. Returns the final status: completed or diverged."""
+    validate(cfg)
+    run_dir = Path(run_dir)
+    check_run_dir(cfg, run_dir)
+    summary_path = run_dir / SUMMARY
+    if cfg.resume and summary_path.exists():
+        prev = read_json(summary_path)
+        if prev.get("status") in ("completed", "diverged") and prev.get("steps") == cfg.steps:
+            log.info("%s: already %s at step %s, nothing to do", run_dir, prev["status"], prev.get("step"))
+            return prev["status"]
+
+    device = pick_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    task = TASKS[cfg.task.name](cfg.task, cfg.seed)
+    model, tokenizer = load_model(cfg.model, task, cfg.task, cfg.cache_dir)
+    model.to(device)
+    ref = copy.deepcopy(model).eval().requires_grad_(False)
+    o = cfg.optim
+    optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+    warmup = max(o.warmup_steps, 0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+
+    start = 0
+    ckpt = load_checkpoint(run_dir) if cfg.resume else None
+    if ckpt is not None:
+        diff = config_diff(ckpt["config"], comparable(cfg))
+        if diff:
+            raise ConfigError(f"resume: config differs from the checkpoint's ({'; '.join(diff)})")
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        set_rng_state(ckpt["rng"])
+        start = ckpt["step"]
+        log.info("resumed from step %d", start)
+
+    kl, pg = kl_spec(cfg), pg_spec(cfg)
+    splits = task.eval_splits()
+    metrics = MetricsLog(run_dir, start, cfg.steps, cfg.tensorboard, cfg.progress)
+    summary = {"status": "running", "step": start, "steps": cfg.steps, "run_dir": str(run_dir)}
+    write_json(summary_path, summary)
+
+    def run_eval(step: int) -> dict:
+        ev = evaluate(model, tokenizer, task, splits, cfg, seed=step_seed(cfg.seed, 10**9 + step))
+        metrics.write({"step": step, "kind": "eval", **ev})
+        return ev
+
+    def save(step: int) -> None:
+        save_checkpoint(run_dir, step, model, optimizer, scheduler, {"config": comparable(cfg)})
+
+    try:
+        last_eval = run_eval(0) if start == 0 and cfg.eval.at_start else {}
+        if start == 0 and last_eval:
+            summary["initial_eval"] = last_eval
+        for step in range(start, cfg.steps):
+            try:
+                rec = rl_step(step, cfg, model, ref, tokenizer, task, optimizer, scheduler, kl, pg)
+            except Diverged as e:
+                metrics.write({"step": step + 1, "kind": "diverged", "reason": str(e)})
+                summary.update(status="diverged", step=step, diverged_at=step + 1, reason=str(e), final_eval=last_eval)
+                write_json(summary_path, summary)
+                log.warning("diverged at step %d: %s", step + 1, e)
+                return "diverged"
+            metrics.write(rec)
+            done = step + 1
+            if done == cfg.steps or (cfg.eval.every and done % cfg.eval.every == 0):
+                last_eval = run_eval(done)
+            if done == cfg.steps or done % cfg.ckpt_every == 0:
+                save(done)
+                summary["step"] = done
+                write_json(summary_path, summary)
+        summary.update(status="completed", step=cfg.steps, final_eval=last_eval)
+        write_json(summary_path, summary)
+        return "completed"
+    finally:
+        metrics.close()
