@@ -150,12 +150,17 @@ class TrainConfig:
 
 
 def register_configs() -> None:
+    """Schemas into Hydra's ConfigStore. Each task and model source brings its own (`schema` attribute), stored as
+    `<group>/<name>_schema` for its YAML to list first in its defaults."""
+    from klrl.models import SOURCES
+    from klrl.tasks import TASKS
+
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
-    cs.store(group="model", name="tiny_schema", node=TinyModelConfig)
-    cs.store(group="model", name="hf_schema", node=HFModelConfig)
-    cs.store(group="task", name="arith_schema", node=ArithTaskConfig)
-    cs.store(group="task", name="task_schema", node=TaskConfig)
+    for name, source in SOURCES.items():
+        cs.store(group="model", name=f"{name}_schema", node=source.schema)
+    for name, task in TASKS.items():
+        cs.store(group="task", name=f"{name}_schema", node=task.schema)
     cs.store(group="estimator", name="estimator_schema", node=EstimatorConfig)
     cs.store(group="placement", name="placement_schema", node=PlacementConfig)
     cs.store(group="algo", name="algo_schema", node=AlgoConfig)

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from klrl.config import ConfigError
+from klrl.config import ConfigError, HFModelConfig, TinyModelConfig
 
 log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -115,6 +115,8 @@ def warm_start(model, tokenizer, task, cfg: DictConfig) -> None:
 
 
 class TinySource:
+    schema = TinyModelConfig
+
     @staticmethod
     def check(cfg: DictConfig) -> None:
         if cfg.hidden_size % cfg.num_heads:
@@ -139,6 +141,8 @@ class TinySource:
 
 
 class HFSource:
+    schema = HFModelConfig
+
     @staticmethod
     def check(cfg: DictConfig) -> None:
         hf_id = str(cfg.hf_id)

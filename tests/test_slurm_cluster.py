@@ -57,6 +57,10 @@ def test_node_is_idle(slurm_cluster):  # noqa: F811
 def test_single_job_returns_value(slurm_cluster, tmp_path):  # noqa: F811
     job = _executor(slurm_cluster, tmp_path).submit(square, 7)
     assert job.result() == 49
+    # submitit reads the state from sacct, which hears of the end asynchronously.
+    deadline = time.monotonic() + 30
+    while job.get_info(mode="force").get("State") != "COMPLETED" and time.monotonic() < deadline:
+        time.sleep(0.5)
     assert job.state == "COMPLETED"
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 
-from klrl.config import ConfigError
+from klrl.config import ArithTaskConfig, ConfigError
 from klrl.tasks.base import Problem, Task
 
 ALPHABET = "0123456789+="
@@ -26,6 +26,7 @@ def make_problem(a: int, b: int) -> Problem:
 
 class ArithTask(Task):
     name = "arith"
+    schema = ArithTaskConfig
 
     @classmethod
     def check(cls, cfg) -> None:

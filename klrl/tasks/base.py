@@ -21,6 +21,7 @@ class Task:
     """A verifiable task. Subclasses set `name`, implement `check`, `sample_train` and `eval_splits`."""
 
     name: ClassVar[str]
+    schema: ClassVar[type]  # the dataclass that types this task's config (a subclass of klrl.config.TaskConfig)
 
     @classmethod
     def check(cls, cfg: Any) -> None:
