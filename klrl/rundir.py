@@ -47,10 +47,17 @@ def read_json(path: Path) -> Any:
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
+    """Every complete record; a torn last line (a process killed mid-write) is ignored."""
     path = Path(run_dir) / METRICS
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
 
 
 def rng_state() -> dict:
@@ -100,8 +107,12 @@ class MetricsLog:
             self.bar = tqdm(total=total, initial=start_step, desc="train", dynamic_ncols=True, leave=True)
 
     def write(self, record: dict) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        # One write() of the whole line on an O_APPEND descriptor: a kill never interleaves half a record.
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, (json.dumps(record) + "\n").encode())
+        finally:
+            os.close(fd)
         if self.tb is not None:
             for k, v in record.items():
                 if isinstance(v, (int, float)) and k not in ("step",):

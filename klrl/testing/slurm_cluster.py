@@ -165,6 +165,8 @@ class LocalSlurmCluster:
     def start(self) -> "LocalSlurmCluster":
         if self.running():
             raise RuntimeError(f"a SLURM cluster already runs from {self.root}; stop it first")
+        for _, pidfile, _ in self._daemons.values():
+            pidfile.unlink(missing_ok=True)  # stale after a crash; would read as "died"
         t0 = time.monotonic()
         try:
             self._write_configs()
@@ -198,7 +200,8 @@ class LocalSlurmCluster:
         marker = f"SLURM_CONF={self.conf}\0".encode()
         for proc in Path("/proc").glob("[0-9]*"):
             try:
-                mine = (proc / "comm").read_text().strip() == "slurmstepd" and marker in (proc / "environ").read_bytes()
+                mine = (proc / "comm").read_text().strip() == "slurmstepd" and \
+                    marker in (proc / "environ").read_bytes()
             except OSError:
                 continue
             if mine:
@@ -250,7 +253,10 @@ class LocalSlurmCluster:
                                f"{_tail(log)}\n{_tail(self.root / 'log' / f'{name}.out', 10)}")
 
     def _ok(self, cmd) -> bool:
-        return self._client(cmd, check=False).returncode == 0
+        try:
+            return self._client(cmd, check=False, timeout=20).returncode == 0
+        except subprocess.TimeoutExpired:  # e.g. a daemon that accepts but never answers
+            return False
 
     # ------------------------------------------------------------------ configs
     def _write_configs(self) -> None:
@@ -288,6 +294,7 @@ SelectTypeParameters=CR_CPU
 SchedulerType=sched/backfill
 SchedulerParameters=sched_interval=2
 JobRequeue=1
+MailProg=/bin/true
 # A node whose slurmd (re)registers is usable again, even after an unclean stop.
 ReturnToService=2
 AccountingStorageType=accounting_storage/slurmdbd
@@ -319,6 +326,17 @@ StorageUser=slurm
 StoragePass={self._db_password}
 StorageLoc=slurm_acct_db
 """)
+        # munged runs as munge, so it owns its directory; checked before any daemon starts.
+        self._munge.mkdir(mode=0o755, exist_ok=True)
+        shutil.chown(self._munge, "munge", "munge")
+        if _run(["test", "-w", self._munge], user="munge", check=False).returncode:
+            raise RuntimeError(f"the munge user cannot write {self._munge}: every parent of "
+                               f"{self.root} must be searchable by others (use a directory under /tmp)")
+        key = self._munge / "munge.key"
+        if not key.exists():
+            key.write_bytes(secrets.token_bytes(128))  # munged refuses keys readable by others
+            key.chmod(0o400)
+            shutil.chown(key, "munge", "munge")
 
     # ------------------------------------------------------------------ daemons
     def _start_mariadb(self) -> None:
@@ -333,7 +351,9 @@ StorageLoc=slurm_acct_db
             "setsid", "-f", "mariadbd", "--no-defaults", "--user=root", f"--datadir={data}",
             f"--socket={sock}", f"--pid-file={pidfile}", f"--log-error={log}",
             "--bind-address=127.0.0.1", f"--port={self._ports['mysql']}", "--skip-name-resolve",
-            # Durability is worthless for a throwaway test DB; slurmdbd asks for the lock timeout.
+            # Durability is worthless for a throwaway test DB. slurmdbd wants a long lock
+            # wait; its "not recommended values: innodb_buffer_pool_size" log line is
+            # harmless (even 256M did not satisfy it; a test DB needs far less).
             "--innodb-flush-log-at-trx-commit=0", "--innodb-doublewrite=0",
             "--innodb-lock-wait-timeout=900"])
         sql = ["mariadb", "--no-defaults", f"--socket={sock}", "-uroot"]
@@ -344,24 +364,15 @@ StorageLoc=slurm_acct_db
 
     def _start_munged(self) -> None:
         # A private munged: the system socket may belong to another munged (or cluster)
-        # whose lifetime we do not control. It runs as munge, so it owns its directory.
-        self._munge.mkdir(mode=0o755, exist_ok=True)
-        shutil.chown(self._munge, "munge", "munge")
-        if _run(["test", "-w", self._munge], user="munge", check=False).returncode:
-            raise RuntimeError(f"the munge user cannot write {self._munge}: every parent of "
-                               f"{self.root} must be searchable by others (use a directory under /tmp)")
+        # whose lifetime we do not control.
         key = self._munge / "munge.key"
-        if not key.exists():
-            key.write_bytes(secrets.token_bytes(128))  # munged refuses keys readable by others
-            key.chmod(0o400)
-            shutil.chown(key, "munge", "munge")
         _, pidfile, log = self._daemons["munged"]
         sock = self._munge / "munged.sock"
         self._launch("munged", [
             "munged", f"--socket={sock}", f"--key-file={key}", f"--pid-file={pidfile}",
             f"--log-file={log}", f"--seed-file={self._munge / 'munged.seed'}"],
             user="munge", group="munge", extra_groups=[])
-        self._wait("munged", lambda: _run(["munge", "-n", "-S", sock], check=False).returncode == 0, "munged", 20)
+        self._wait("munged", lambda: self._ok(["munge", "-n", "-S", sock]), "munged", 20)
 
     def _start_slurmdbd(self) -> None:
         self._launch("slurmdbd", ["slurmdbd"])

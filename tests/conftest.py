@@ -1,0 +1,45 @@
+"""Shared fixtures: a warm-start cache for the session, composing configs, and running the real CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from klrl.app import CONF_DIR
+
+# Small enough that a test's warm start takes ~1 s, then is cached for the whole session.
+FAST = [
+    "model.warmstart.steps=40",
+    "algo.prompts_per_step=4",
+    "algo.group_size=4",
+    "eval.n_samples=1",
+    "eval.bootstrap=50",
+    "task.eval_size=8",
+    "progress=false",
+    "tensorboard=false",
+]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def klrl_cache(tmp_path_factory) -> Path:
+    cache = tmp_path_factory.mktemp("klrl_cache")
+    os.environ["KLRL_CACHE"] = str(cache)
+    return cache
+
+
+def compose_cfg(*overrides: str):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose(config_name="train", overrides=list(overrides))
+
+
+def run_klrl(*args: str, cwd: Path, check: bool = False, timeout: int = 300) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "klrl", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"klrl {' '.join(args)} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
+    return proc
