@@ -8,6 +8,11 @@ USAGE = """usage: klrl COMMAND [ARGS]
 
 commands:
   train    train one configuration, or a sweep with -m (a Hydra app: `klrl train --help`)
+  audit    exact (or --mc Monte-Carlo) bias and variance of every KL configuration's gradient (`klrl audit --help`)
+  eval     evaluate a run's checkpoint again: klrl eval RUN_DIR [--n-samples N] [--split NAME]
+  sweep    launch a named grid (sweeps/NAME.yaml) as one job array: klrl sweep NAME [--no-wait] [OVERRIDE ...]
+  status   state of every run of a sweep (pending/running/completed/diverged/failed, step, SLURM job): klrl status DIR
+  table    results table of a sweep directory, seeds aggregated, and the paper's Table 1 (`klrl table --help`)
 """
 
 
@@ -24,7 +29,37 @@ def train(args: list[str]) -> None:
     train_main()
 
 
-COMMANDS = {"train": train}
+def audit(args: list[str]) -> None:
+    from klrl.audit.cli import main as audit_main
+
+    audit_main(args)
+
+
+def table(args: list[str]) -> None:
+    from klrl.table import main as table_main
+
+    table_main(args)
+
+
+def evaluate(args: list[str]) -> None:
+    from klrl.eval_cmd import main as eval_main
+
+    eval_main(args)
+
+
+def sweep(args: list[str]) -> None:
+    from klrl.sweep import main as sweep_main
+
+    sweep_main(args)
+
+
+def status(args: list[str]) -> None:
+    from klrl.status import main as status_main
+
+    status_main(args)
+
+
+COMMANDS = {"train": train, "audit": audit, "sweep": sweep, "status": status, "table": table, "eval": evaluate}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -141,6 +141,8 @@ class TrainConfig:
     beta: float = 0.05
     steps: int = 100
     seed: int = 0
+    async_level: int = 0  # rollouts from the policy as it was this many optimizer steps ago
+    async_mode: str = "sim"  # sim: deterministic snapshot ring | pipeline: generation in a separate process
     resume: bool = False
     ckpt_every: int = 50
     device: str = "auto"  # auto | cpu | cuda
@@ -257,6 +259,15 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("algo.ratio_clip and algo.is_truncate are alternatives; set only one")
     if a.micro_batch_size is not None and (a.micro_batch_size < 1 or a.micro_batch_size % a.group_size):
         raise ConfigError(f"algo.micro_batch_size={a.micro_batch_size} must be a positive multiple of group_size={a.group_size}")
+    _choice("async_mode", cfg.async_mode, ("sim", "pipeline"))
+    if cfg.async_level < 0:
+        raise ConfigError(f"async_level={cfg.async_level} must be >= 0")
+    if cfg.async_level > 0 and a.is_truncate is None and a.ratio_clip is None:
+        raise ConfigError(
+            f"async_level={cfg.async_level} makes rollouts off-policy: set algo.is_truncate (the paper uses 8) or algo.ratio_clip"
+        )
+    if cfg.async_mode == "pipeline" and cfg.async_level < 1:
+        raise ConfigError("async_mode=pipeline needs async_level >= 1 (how far generation may run ahead)")
     if cfg.steps < 1:
         raise ConfigError(f"steps={cfg.steps} must be >= 1")
     if cfg.ckpt_every < 1:

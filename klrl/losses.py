@@ -189,6 +189,8 @@ def policy_loss(
         stats["adv/std"] = adv.std() if adv.numel() > 1 else torch.zeros(())
         stats["ratio/mean"] = (ratio * mask).sum() / n
         stats["ratio/max"] = (ratio * mask + (mask - 1) * 1e9).max() if mask.any() else torch.ones(())
+        seq_w = torch.exp(log_rho.sum(-1))
+        stats["is/ess"] = seq_w.sum() ** 2 / (seq_w.numel() * (seq_w**2).sum()).clamp(min=1e-30)  # 1 = on-policy
         if pg.ratio_clip is not None:
             clipped = (ratio - ratio.clamp(1 - pg.ratio_clip, 1 + pg.ratio_clip)).abs() > 0
             stats["ratio/clip_frac"] = (clipped * mask).sum() / n

@@ -22,6 +22,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from klrl.config import ConfigError, HFModelConfig, TinyModelConfig
+from klrl.pretrained import PretrainedSource
+from klrl.smollm2 import SmolLM2Source
 
 log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -163,7 +165,7 @@ class HFSource:
         return model, tokenizer
 
 
-SOURCES: dict[str, Any] = {"tiny": TinySource, "hf": HFSource}
+SOURCES: dict[str, Any] = {"tiny": TinySource, "hf": HFSource, "pretrained": PretrainedSource, "smollm2": SmolLM2Source}
 
 
 def load_model(cfg: DictConfig, task, task_cfg: DictConfig, cache_dir: str | Path):

@@ -14,17 +14,29 @@ import math
 import random
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from torch import Tensor
 
 from klrl.config import ConfigError, kl_spec, pg_spec, validate
+from klrl.distributed import Dist, local_device, setup
 from klrl.estimators import sequence_estimates
 from klrl.evaluate import evaluate
+from klrl.lag import SnapshotRing
 from klrl.losses import policy_loss
 from klrl.models import load_model
-from klrl.rollout import decode_responses, encode_prompts, generate, kl_and_entropy, response_logits, token_logprobs
+from klrl.rollout import (
+    Rollout,
+    decode_responses,
+    encode_prompts,
+    generate,
+    kl_and_entropy,
+    response_logits,
+    token_logprobs,
+)
 from klrl.rundir import CHECKPOINT, SUMMARY, MetricsLog, load_checkpoint, read_json, save_checkpoint, set_rng_state, write_json
 from klrl.tasks import TASKS
 
@@ -39,12 +51,6 @@ class Diverged(Exception):
 
 def step_seed(seed: int, step: int) -> int:
     return (seed * 1_000_003 + step) % (2**63)
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
 
 
 def comparable(cfg: DictConfig) -> dict:
@@ -63,64 +69,95 @@ def config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def rl_step(step, cfg, model, ref, tokenizer, task, optimizer, scheduler, kl, pg) -> dict:
-    """One batch: generate, score, U optimizer updates. Returns the step's metrics; raises Diverged."""
+@dataclass
+class Batch:
+    """What one step trains on: responses, their rewards, and the log-probs of the policy that sampled them."""
+
+    rollout: Rollout
+    rewards: Tensor  # [B]
+    gen_time: float
+    old_logp: Tensor | None = None  # [B, R] behaviour log-probs; None = on-policy (the live policy's, detached)
+    staleness: int = 0  # optimizer steps between the sampling policy and the policy being updated
+
+
+def collect(step: int, cfg, policy, tokenizer, task, dist: Dist = Dist()) -> Batch:
+    """Sample this rank's share of the step's prompts, G responses each, with `policy`, and score them."""
+    t0 = time.perf_counter()
+    G = cfg.algo.group_size
+    prompts = task.sample_train(random.Random(step_seed(cfg.seed, step)), cfg.algo.prompts_per_step)
+    problems = [p for p in dist.shard(prompts) for _ in range(G)]
+    torch.manual_seed(step_seed(cfg.seed, step) + 7919 * dist.rank)
+    policy.eval()
+    prompt_ids = encode_prompts(tokenizer, [p.prompt for p in problems], cfg.model.chat_template)
+    ro = generate(policy, tokenizer, prompt_ids, cfg.task.max_new_tokens, cfg.generation.temperature, cfg.generation.top_p)
+    rewards = torch.tensor([task.score(p, t) for p, t in zip(problems, decode_responses(tokenizer, ro))])
+    return Batch(ro, rewards, time.perf_counter() - t0)
+
+
+@torch.no_grad()
+def behaviour_logprobs(policy, batch: Batch, micro: int) -> Tensor:
+    """log-probs of the sampled tokens under the policy that generated them (recomputed by a forward pass)."""
+    device = next(policy.parameters()).device
+    out = []
+    for i in range(0, len(batch.rewards), micro):
+        part = batch.rollout.select(slice(i, i + micro))
+        out.append(token_logprobs(response_logits(policy, part), part.responses, part.response_mask.to(device)))
+    return torch.cat(out)
+
+
+def update(batch: Batch, cfg, model, ref, optimizer, scheduler, kl, pg, dist: Dist = Dist()) -> dict:
+    """U optimizer updates on one batch. Returns the step's metrics (averaged over ranks); raises Diverged."""
     t0 = time.perf_counter()
     G, U = cfg.algo.group_size, cfg.algo.updates_per_batch
-    rng = random.Random(step_seed(cfg.seed, step))
-    torch.manual_seed(step_seed(cfg.seed, step))
-    problems = [p for p in task.sample_train(rng, cfg.algo.prompts_per_step) for _ in range(G)]
-    prompt_ids = encode_prompts(tokenizer, [p.prompt for p in problems], cfg.model.chat_template)
-    model.eval()
-    ro = generate(model, tokenizer, prompt_ids, cfg.task.max_new_tokens, cfg.generation.temperature, cfg.generation.top_p)
-    rewards = torch.tensor([task.score(p, t) for p, t in zip(problems, decode_responses(tokenizer, ro))])
-    t_gen = time.perf_counter() - t0
-
+    ro, rewards = batch.rollout, batch.rewards
     model.train()
     device = next(model.parameters()).device
-    B = len(problems)
+    B = len(rewards)
     mb = cfg.algo.micro_batch_size or B
-    chunks = [slice(i, i + mb) for i in range(0, B, mb)]
-    n_tok = ro.response_mask.sum().item()
-    token_norm = n_tok / B
-    old_lp: list = [None] * len(chunks)
-    if U > 1:  # later updates are off-policy: keep the sampling policy's log-probs
-        with torch.no_grad():
-            for j, c in enumerate(chunks):
-                part = ro.select(c)
-                old_lp[j] = token_logprobs(response_logits(model, part), part.responses, part.response_mask.to(device))
+    chunks = [slice(i, min(i + mb, B)) for i in range(0, B, mb)]
+    n_tok_local = ro.response_mask.sum().item()
+    n_tok = dist.sum(n_tok_local)
+    token_norm = n_tok / (B * dist.world)
+    old = batch.old_logp
+    if old is None and U > 1:  # later updates are off-policy: keep the sampling policy's log-probs
+        old = behaviour_logprobs(model, batch, mb)
     ref_lp: list = [None] * len(chunks)
     logged: dict = defaultdict(float)
     grad_norms = []
-    for update in range(U):
+    ent_sum = 0.0
+    bad = ""  # checked collectively after the micro-batches, so that every rank stops at the same step
+    for u in range(U):
         optimizer.zero_grad(set_to_none=True)
         for j, c in enumerate(chunks):
             part = ro.select(c)
-            part_w = len(range(*c.indices(B))) / B
+            w = (c.stop - c.start) / B
             mask = part.response_mask.to(device)
             logits = response_logits(model, part)
             logp = token_logprobs(logits, part.responses, mask)
             if not torch.isfinite(logp).all():
-                raise Diverged("non-finite log-probs")
-            if update == 0:
+                bad = bad or "non-finite log-probs"
+            if u == 0:
                 with torch.no_grad():
                     ref_logits = response_logits(ref, part)
                     ref_lp[j] = token_logprobs(ref_logits, part.responses, mask)
                     exact_kl, ent = kl_and_entropy(logits.detach(), ref_logits, mask)
                     del ref_logits
-                    logged["kl/exact"] += exact_kl.mean().item() * part_w
-                    logged["entropy"] += ent.sum().item() / max(n_tok, 1)
+                    logged["kl/exact"] += exact_kl.mean().item() * w
+                    ent_sum += ent.sum().item()
                     for name, v in sequence_estimates(logp, ref_lp[j], mask).items():
-                        logged[f"kl/{name}"] += v.mean().item() * part_w
-            old = old_lp[j] if U > 1 else logp.detach()
-            out = policy_loss(logp, old, ref_lp[j], mask, rewards[c].to(device), G, pg, kl, token_norm=token_norm)
+                        logged[f"kl/{name}"] += v.mean().item() * w
+            old_j = old[c].to(device) if old is not None else logp.detach()
+            out = policy_loss(logp, old_j, ref_lp[j], mask, rewards[c].to(device), G, pg, kl, token_norm=token_norm)
             if not torch.isfinite(out.loss):
-                raise Diverged("non-finite loss")
-            (out.loss * part_w).backward()
-            if update == 0:
-                logged["loss"] += out.loss.item() * part_w
+                bad = bad or "non-finite loss"
+            (out.loss * w).backward()
+            if u == 0:
+                logged["loss"] += out.loss.item() * w
                 for k, v in out.stats.items():
-                    logged[k] += v.item() * part_w
+                    logged[k] += v.item() * w
+        if dist.sum(float(bool(bad))) > 0:
+            raise Diverged(bad or "non-finite values on another rank")
+        dist.average_gradients(model)
         max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
         gn = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
         if not torch.isfinite(gn):
@@ -128,20 +165,23 @@ def rl_step(step, cfg, model, ref, tokenizer, task, optimizer, scheduler, kl, pg
         grad_norms.append(gn.item())
         optimizer.step()
         scheduler.step()
-    t_total = time.perf_counter() - t0
-    return {
-        "step": step + 1,
-        "kind": "train",
+    t_train = time.perf_counter() - t0
+    local = {
         "reward": rewards.mean().item(),
         "accuracy": (rewards >= 1).float().mean().item(),
-        "response_length": n_tok / B,
+        "response_length": n_tok_local / B,
+        **dict(logged),
+    }
+    return {
+        **dist.mean_dict(local),
+        "entropy": dist.sum(ent_sum) / max(n_tok, 1),  # per token, over the global batch
         "grad_norm": grad_norms[0],
         "lr": scheduler.get_last_lr()[0],
-        "time/step": t_total,
-        "time/generate": t_gen,
-        "tokens_per_s/generate": n_tok / max(t_gen, 1e-9),
-        "tokens_per_s/train": n_tok * U / max(t_total - t_gen, 1e-9),
-        **dict(logged),
+        "staleness": batch.staleness,
+        "time/step": t_train + batch.gen_time,
+        "time/generate": batch.gen_time,
+        "tokens_per_s/generate": n_tok / max(batch.gen_time, 1e-9),
+        "tokens_per_s/train": n_tok * U / max(t_train, 1e-9),
     }
 
 
@@ -149,6 +189,14 @@ def check_run_dir(cfg: DictConfig, run_dir: Path) -> None:
     """Refuse to silently overwrite or extend an existing run."""
     if (run_dir / CHECKPOINT).exists() and not cfg.resume:
         raise ConfigError(f"{run_dir} already holds a checkpoint; pass resume=true to continue it, or pick another hydra.run.dir")
+
+
+class NullLog:
+    def write(self, record: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def train(cfg: DictConfig, run_dir: Path) -> str:
@@ -163,7 +211,10 @@ def train(cfg: DictConfig, run_dir: Path) -> str:
             log.info("%s: already %s at step %s, nothing to do", run_dir, prev["status"], prev.get("step"))
             return prev["status"]
 
-    device = pick_device(cfg.device)
+    device = local_device(cfg.device)
+    dist = setup(device)
+    if cfg.algo.prompts_per_step % dist.world:
+        raise ConfigError(f"algo.prompts_per_step={cfg.algo.prompts_per_step} must be divisible by the {dist.world} ranks")
     torch.manual_seed(cfg.seed)
     task = TASKS[cfg.task.name](cfg.task, cfg.seed)
     model, tokenizer = load_model(cfg.model, task, cfg.task, cfg.cache_dir)
@@ -173,6 +224,7 @@ def train(cfg: DictConfig, run_dir: Path) -> str:
     optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
     warmup = max(o.warmup_steps, 0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+    ring = SnapshotRing(model, cfg.async_level) if cfg.async_level > 0 else None
 
     start = 0
     ckpt = load_checkpoint(run_dir) if cfg.resume else None
@@ -184,46 +236,66 @@ def train(cfg: DictConfig, run_dir: Path) -> str:
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         set_rng_state(ckpt["rng"])
+        if ring is not None:
+            ring.load_state(ckpt["ring"])
         start = ckpt["step"]
         log.info("resumed from step %d", start)
 
     kl, pg = kl_spec(cfg), pg_spec(cfg)
     splits = task.eval_splits()
-    metrics = MetricsLog(run_dir, start, cfg.steps, cfg.tensorboard, cfg.progress)
+    metrics = MetricsLog(run_dir, start, cfg.steps, cfg.tensorboard, cfg.progress) if dist.main else NullLog()
     summary = {"status": "running", "step": start, "steps": cfg.steps, "run_dir": str(run_dir)}
-    write_json(summary_path, summary)
+
+    def write_summary() -> None:
+        if dist.main:
+            write_json(summary_path, summary)
 
     def run_eval(step: int) -> dict:
+        if not dist.main:
+            return {}
         ev = evaluate(model, tokenizer, task, splits, cfg, seed=step_seed(cfg.seed, 10**9 + step))
         metrics.write({"step": step, "kind": "eval", **ev})
         return ev
 
     def save(step: int) -> None:
-        save_checkpoint(run_dir, step, model, optimizer, scheduler, {"config": comparable(cfg)})
+        if dist.main:
+            extra = {"config": comparable(cfg), **({"ring": ring.state()} if ring is not None else {})}
+            save_checkpoint(run_dir, step, model, optimizer, scheduler, extra)
 
+    def next_batch(step: int) -> Batch:
+        if ring is None:
+            return collect(step, cfg, model, tokenizer, task, dist)
+        ring.push(model)
+        behaviour, staleness = ring.policy()
+        batch = collect(step, cfg, behaviour, tokenizer, task, dist)
+        batch.old_logp = behaviour_logprobs(behaviour, batch, cfg.algo.micro_batch_size or len(batch.rewards))
+        batch.staleness = staleness
+        return batch
+
+    write_summary()
     try:
         last_eval = run_eval(0) if start == 0 and cfg.eval.at_start else {}
         if start == 0 and last_eval:
             summary["initial_eval"] = last_eval
         for step in range(start, cfg.steps):
             try:
-                rec = rl_step(step, cfg, model, ref, tokenizer, task, optimizer, scheduler, kl, pg)
+                rec = update(next_batch(step), cfg, model, ref, optimizer, scheduler, kl, pg, dist)
             except Diverged as e:
                 metrics.write({"step": step + 1, "kind": "diverged", "reason": str(e)})
                 summary.update(status="diverged", step=step, diverged_at=step + 1, reason=str(e), final_eval=last_eval)
-                write_json(summary_path, summary)
+                write_summary()
                 log.warning("diverged at step %d: %s", step + 1, e)
                 return "diverged"
-            metrics.write(rec)
+            metrics.write({"step": step + 1, "kind": "train", **rec})
             done = step + 1
             if done == cfg.steps or (cfg.eval.every and done % cfg.eval.every == 0):
                 last_eval = run_eval(done)
             if done == cfg.steps or done % cfg.ckpt_every == 0:
                 save(done)
                 summary["step"] = done
-                write_json(summary_path, summary)
+                write_summary()
         summary.update(status="completed", step=cfg.steps, final_eval=last_eval)
-        write_json(summary_path, summary)
+        write_summary()
         return "completed"
     finally:
         metrics.close()

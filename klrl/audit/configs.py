@@ -1,0 +1,80 @@
+"""Every KL configuration klrl can train, named, and built through the trainer's own `kl_spec`.
+
+A configuration is estimator x placement x form x importance weighting, restricted to the combinations
+`klrl.config.validate` accepts: reward_form and the sequence weight only where the KL is in the reward (the weight
+with the seqsum form only), the token weight only where it is in the loss. Names read
+`<estimator>-<placement>[+togo][+seqIS][+tokIS]`, e.g. `k3-both+togo+tokIS`.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+
+from omegaconf import OmegaConf
+
+from klrl.config import kl_spec
+from klrl.estimators import ESTIMATORS
+from klrl.losses import KLSpec
+
+REWARD_VARIANTS = (("seqsum", False), ("togo", False), ("seqsum", True))  # (reward_form, reward_is_weight)
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    name: str
+    estimator: str
+    placement: str  # reward | loss | both
+    reward_form: str | None
+    reward_is_weight: bool
+    loss_is_weight: bool
+    spec: KLSpec
+
+    @property
+    def overrides(self) -> str:
+        """The `klrl train` command-line overrides that select this configuration."""
+        out = [f"estimator={self.estimator}", f"placement={self.placement}"]
+        if self.reward_form == "togo":
+            out.append("placement.reward_form=togo")
+        if self.reward_is_weight:
+            out.append("placement.reward_is_weight=true")
+        if self.loss_is_weight:
+            out.append("placement.loss_is_weight=true")
+        return " ".join(out)
+
+
+def _make(est: str, placement: str, form: str | None, r_is: bool, l_is: bool, beta: float) -> AuditConfig:
+    name = f"{est}-{placement}" + ("+togo" if form == "togo" else "") + ("+seqIS" if r_is else "") + ("+tokIS" if l_is else "")
+    # Through kl_spec, so that the audit cannot drift from what `klrl train` builds from the same choices.
+    cfg = OmegaConf.create({
+        "beta": beta,
+        "estimator": {"name": est, "clamp": None},
+        "placement": {"name": placement, "reward_form": form, "reward_is_weight": r_is, "loss_is_weight": l_is},
+    })
+    return AuditConfig(name, est, placement, form, r_is, l_is, kl_spec(cfg))
+
+
+def all_configs(beta: float = 1.0) -> list[AuditConfig]:
+    """The 33 configurations: per estimator 3 reward forms, 2 loss forms, 3 x 2 combined."""
+    out = []
+    for est in ESTIMATORS:
+        out += [_make(est, "reward", f, r, False, beta) for f, r in REWARD_VARIANTS]
+        out += [_make(est, "loss", None, False, l, beta) for l in (False, True)]
+        out += [_make(est, "both", f, r, l, beta) for f, r in REWARD_VARIANTS for l in (False, True)]
+    return out
+
+
+def select(patterns: list[str] | None, beta: float = 1.0) -> list[AuditConfig]:
+    """Configurations matching any of the glob patterns (all if none). ValueError names an unmatched pattern."""
+    configs = all_configs(beta)
+    if not patterns:
+        return configs
+    chosen = []
+    for pat in patterns:
+        hits = [c for c in configs if fnmatch.fnmatchcase(c.name, pat)]
+        if not hits:
+            raise ValueError(
+                f"unknown configuration {pat!r}; choose from: {', '.join(c.name for c in configs)} (globs such as 'k3-*' work)"
+            )
+        chosen += [c for c in hits if c not in chosen]
+    return [c for c in configs if c in chosen]

@@ -1,0 +1,47 @@
+"""`pretrained`: the `hf` source with the two things the paper's models need beyond it.
+
+- `eos_token`: the token that ends a response. Qwen2.5-7B (base) declares <|endoftext|> as its EOS, but under the
+  chat template a turn ends with <|im_end|>; without the override sampling runs on into invented turns until
+  max_new_tokens, and the checker reads an answer from them.
+- `fsdp`: reserved for sharded training (not wired into the trainer yet, so `true` is refused rather than ignored).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from omegaconf import DictConfig
+
+from klrl.config import ConfigError, HFModelConfig
+
+
+@dataclass
+class PretrainedModelConfig(HFModelConfig):
+    eos_token: Optional[str] = None  # None = the tokenizer's own
+    fsdp: bool = False
+
+
+class PretrainedSource:
+    schema = PretrainedModelConfig
+
+    @staticmethod
+    def check(cfg: DictConfig) -> None:
+        from klrl.models import HFSource
+
+        HFSource.check(cfg)
+        if cfg.fsdp:
+            raise ConfigError("model.fsdp=true is not supported by the trainer yet; set model.fsdp=false")
+
+    @staticmethod
+    def load(cfg: DictConfig, task, task_cfg: DictConfig, cache_dir: Path):
+        from klrl.models import HFSource
+
+        model, tokenizer = HFSource.load(cfg, task, task_cfg, cache_dir)
+        if cfg.eos_token:
+            if cfg.eos_token not in tokenizer.get_vocab():
+                raise ConfigError(f"model.eos_token={cfg.eos_token!r} is not a token of {cfg.hf_id}")
+            tokenizer.eos_token = cfg.eos_token
+            model.generation_config.eos_token_id = tokenizer.eos_token_id
+        return model, tokenizer

@@ -1,0 +1,392 @@
+"""`klrl table`: synthetic sweeps in the real run-directory format, the collapse rule, outputs, CLI, a real sweep."""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from klrl.app import CONF_DIR
+from klrl.table import (
+    GRADIENT_VERDICTS,
+    CollapseRule,
+    curve_collapse,
+    gradient_verdict,
+    make_report,
+    placement_label,
+    run_stability,
+    stays_below,
+    t975,
+)
+from klrl.table_load import load_run, load_sweep
+from klrl.table_render import latex, markdown, write_csv, write_latex, write_plots
+
+STEPS = 40
+
+
+# --- building run directories -------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def _composed(overrides: tuple[str, ...]) -> str:
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="train", overrides=list(overrides))
+    return OmegaConf.to_yaml(cfg)  # what Hydra writes to .hydra/config.yaml
+
+
+def train_records(n: int, reward, entropy=lambda t: 0.45, kl=lambda t: 0.02) -> list[dict]:
+    return [{"step": t, "kind": "train", "reward": reward(t), "accuracy": reward(t), "response_length": 3.5,
+             "grad_norm": 2.0 + 0.01 * t, "lr": 1e-4, "kl/exact": kl(t), "kl/k1": kl(t), "kl/k2": kl(t), "kl/k3": kl(t),
+             "entropy": entropy(t), "loss": 0.0} for t in range(1, n + 1)]
+
+
+def evaluation(id_p: float, ood_p: float = 0.7, id_g: float = 0.6, ood_g: float = 0.9, half: float = 0.05) -> dict:
+    out = {}
+    for key, v in (("id/pass@1", id_p), ("ood/pass@1", ood_p), ("id/greedy", id_g), ("ood/greedy", ood_g)):
+        out[f"eval/{key}"], out[f"eval/{key}_lo"], out[f"eval/{key}_hi"] = v, v - half, v + half
+    return out
+
+
+def write_run(root: Path, overrides: list[str], status: str | None, train=(), evals=None, extra_lines: str = "",
+              add_steps: bool = True, **summary) -> Path:
+    """A run directory as `klrl train` leaves it. evals: {step: evaluation}; status None = no summary yet."""
+    overrides = [*overrides, f"steps={STEPS}"] if add_steps else list(overrides)
+    run = root / ",".join(sorted(overrides))
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "config.yaml").write_text(_composed(tuple(overrides)))
+    (run / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    evals = evals or {}
+    if train or evals or extra_lines:
+        records = [{"step": s, "kind": "eval", **e} for s, e in evals.items() if s == 0] + list(train)
+        records += [{"step": s, "kind": "eval", **e} for s, e in evals.items() if s > 0]
+        records.sort(key=lambda r: (r["step"], r["kind"] != "train"))
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records) + extra_lines)
+    if status is not None:
+        body = {"status": status, "steps": STEPS, "step": STEPS if status == "completed" else 0, "run_dir": str(run)}
+        if 0 in evals:
+            body["initial_eval"] = evals[0]
+        if status == "completed":
+            body["final_eval"] = evals[max(evals)] if evals else {}
+        body.update(summary)
+        (run / "summary.json").write_text(json.dumps(body))
+    return run
+
+
+def completed(root, overrides, id_p, ood_p=0.7, reward=lambda t: 0.3 + 0.3 * t / STEPS, start=0.35, evals=None, **kw):
+    ev = {0: evaluation(start), STEPS: evaluation(id_p, ood_p)}
+    ev.update(evals or {})
+    return write_run(root, overrides, "completed", train_records(STEPS, reward, **kw), ev)
+
+
+K1R, K1L, K3R, K3L = (["estimator=k1", "placement=reward"], ["estimator=k1", "placement=loss"],
+                      ["estimator=k3", "placement=reward"], ["estimator=k3", "placement=loss"])
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("sweep")
+    # k1 in reward, beta 0.1: three stable seeds, final in-domain pass@1 0.50 / 0.54 / 0.58.
+    for seed, (p, o, kl) in enumerate([(0.50, 0.70, 0.01), (0.54, 0.72, 0.02), (0.58, 0.74, 0.03)]):
+        completed(root, [*K1R, "beta=0.1", f"seed={seed}"], p, o, kl=lambda t, kl=kl: kl)
+    # ... a fourth whose summary.json is damaged.
+    bad = write_run(root, [*K1R, "beta=0.1", "seed=3"], "completed", train_records(5, lambda t: 0.3))
+    (bad / "summary.json").write_text('{"status": "compl')
+    # k1 in reward, beta 0.05: reward dips for 15 steps then recovers: not a collapse.
+    completed(root, [*K1R, "beta=0.05", "seed=0"], 0.60, 0.65, reward=lambda t: 0.05 if 10 <= t < 25 else 0.4)
+    # reward-to-go form: its own row.
+    completed(root, [*K1R, "placement.reward_form=togo", "seed=0"], 0.52, 0.71)
+    # k1 in loss: one stable seed, one diverged at step 15.
+    completed(root, [*K1L, "seed=0"], 0.45, 0.60)
+    write_run(root, [*K1L, "seed=1"], "diverged",
+              train_records(14, lambda t: 0.3) + [{"step": 15, "kind": "diverged", "reason": "non-finite loss"}],
+              {0: evaluation(0.35)}, step=14, diverged_at=15, reason="non-finite loss", final_eval=evaluation(0.35))
+    # k3 in reward: collapses, at step 10 (seed 0) and 20 (seed 1); periodic evaluations every 10 steps.
+    for seed, drop, ev in ((0, 10, (0.30, 0.05, 0.0)), (1, 20, (0.35, 0.30, 0.02))):
+        completed(root, [*K3R, f"seed={seed}"], 0.0, 0.1, reward=lambda t, d=drop: 0.02 if t >= d else 0.4,
+                  evals={10 * (i + 1): evaluation(v) for i, v in enumerate(ev)})
+    # k3 in loss: one completed seed (bootstrap CI), one failed before any metric, one still running (half a line).
+    ev = {0: evaluation(0.35), STEPS: {**evaluation(0.48, 0.55), "eval/id/pass@1_lo": 0.43, "eval/id/pass@1_hi": 0.55}}
+    write_run(root, [*K3L, "seed=0"], "completed", train_records(STEPS, lambda t: 0.35), ev)
+    write_run(root, [*K3L, "seed=1"], "failed", error="RuntimeError: CUDA out of memory")
+    write_run(root, [*K3L, "seed=2"], "running", train_records(7, lambda t: 0.35), {0: evaluation(0.35)},
+              extra_lines='{"step": 8, "kind": "train", "rew', step=7)
+    # k2 in loss: launched, nothing written yet.
+    write_run(root, ["estimator=k2", "placement=loss", "seed=0"], None)
+    # no KL: solves the task while its entropy collapses at step 20.
+    completed(root, ["estimator=none", "seed=0"], 0.40, 0.75, entropy=lambda t: 0.01 if t >= 20 else 0.5)
+    # a directory whose config cannot be read.
+    junk = root / "junk"
+    (junk / ".hydra").mkdir(parents=True)
+    (junk / ".hydra" / "config.yaml").write_text("model: [unclosed\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def report(sweep):
+    runs, warnings = load_sweep([sweep])
+    return make_report(runs), warnings
+
+
+def row(rep, estimator, placement, beta=None):
+    rows = rep.rows
+    sel = rows[(rows["estimator"] == estimator) & (rows["placement"] == placement)]
+    if beta is not None:
+        sel = sel[np.isclose(sel["beta"], beta)]
+    assert len(sel) == 1, sel
+    return sel.iloc[0]
+
+
+# --- the table ----------------------------------------------------------------------------------------------------
+
+
+def test_rows_and_statuses(report):
+    rep, warnings = report
+    keys = [tuple(r) for r in rep.rows[["estimator", "placement", "beta"]].itertuples(index=False)]
+    assert keys == [("none", "none", 0.0), ("k1", "reward", 0.05), ("k1", "reward", 0.1), ("k1", "reward[togo]", 0.1),
+                    ("k1", "loss", 0.1), ("k2", "loss", 0.1), ("k3", "reward", 0.1), ("k3", "loss", 0.1)]
+    assert set(rep.rows["model"]) == {"tiny"} and rep.split_keys == []
+    k1r = row(rep, "k1", "reward", 0.1)
+    assert (k1r["runs"], k1r["completed"], k1r["unknown"], k1r["seeds"]) == (4, 3, 1, "0,1,2,3")
+    k3l = row(rep, "k3", "loss")
+    assert (k3l["completed"], k3l["failed"], k3l["running"], k3l["runs"]) == (1, 1, 1, 3)
+    assert row(rep, "k2", "loss")["pending"] == 1
+    assert row(rep, "k1", "loss")["diverged"] == 1
+    assert [r.status for r in rep.unplaced] == ["pending"] and rep.unplaced[0].path.name == "junk"
+    assert any("unreadable summary.json" in w for w in warnings)
+    assert any("1 unreadable line(s) in metrics.jsonl" in w for w in warnings)
+    assert any("unreadable .hydra/config.yaml" in w for w in warnings)
+
+
+def test_seed_aggregation_and_single_run_ci(report):
+    rep, _ = report
+    k1r = row(rep, "k1", "reward", 0.1)
+    half = 4.303 * 0.04 / math.sqrt(3)  # sd of (0.50, 0.54, 0.58) is 0.04
+    assert k1r["id_pass1"] == pytest.approx(0.54) and k1r["id_pass1_n"] == 3 and k1r["id_pass1_ci"] == "seeds"
+    assert (k1r["id_pass1_lo"], k1r["id_pass1_hi"]) == pytest.approx((0.54 - half, 0.54 + half), abs=1e-3)
+    assert k1r["ood_pass1"] == pytest.approx(0.72)
+    assert k1r["kl"] == pytest.approx(0.02) and k1r["entropy"] == pytest.approx(0.45)
+    assert k1r["id_pass1_start"] == pytest.approx(0.35)
+    k3l = row(rep, "k3", "loss")  # one completed seed: its own bootstrap CI, untouched
+    assert (k3l["id_pass1"], k3l["id_pass1_lo"], k3l["id_pass1_hi"]) == pytest.approx((0.48, 0.43, 0.55))
+    assert k3l["id_pass1_ci"] == "bootstrap"
+    k1l = row(rep, "k1", "loss")  # the diverged seed's pre-divergence evaluation is not averaged in
+    assert k1l["id_pass1"] == pytest.approx(0.45) and k1l["id_pass1_n"] == 1
+    k2 = row(rep, "k2", "loss")
+    assert k2["id_pass1_n"] == 0 and math.isnan(k2["id_pass1"]) and math.isnan(k2["kl"])
+
+
+def test_collapse_verdicts(report):
+    rep, _ = report
+    # k3/reward seed 0: the 10-step trailing mean of the reward first stays below half its start at step 15;
+    # seed 1 at step 25 (its eval falls below 0.35 - 0.2 at step 30, later).
+    assert row(rep, "k3", "reward")["stability"] == "collapsed @15,25 (eval, reward) 2/2"
+    assert row(rep, "k1", "loss")["stability"] == "diverged @15 1/2; stable 1/2"
+    assert row(rep, "k1", "reward", 0.05)["stability"] == "stable"  # dipped and recovered
+    assert row(rep, "k1", "reward", 0.1)["stability"] == "stable 3/3"
+    assert row(rep, "none", "none")["stability"] == "entropy collapse @29"
+    assert row(rep, "k3", "loss")["stability"] == "stable"  # the running and failed seeds are not judged
+    assert row(rep, "k2", "loss")["stability"] == "—"
+
+
+def test_collapse_rule_thresholds_are_options(sweep):
+    runs, _ = load_sweep([sweep])
+    lenient = make_report(runs, CollapseRule(reward_frac=0.01, eval_drop=0.5, entropy_frac=0.0))
+    assert row(lenient, "k3", "reward")["stability"] == "stable 2/2"
+    assert row(lenient, "none", "none")["stability"] == "stable"
+    reward_only = make_report(runs, CollapseRule(eval_drop=1.0))
+    assert row(reward_only, "k3", "reward")["stability"] == "collapsed @15,25 (reward) 2/2"
+
+
+def test_stays_below_and_curve_rule():
+    steps = np.arange(1, 9)
+    assert stays_below(steps, np.array([1, 1, 0, 0, 1, 0, 0, 0.0]), 0.5) == 6
+    assert stays_below(steps, np.array([1, 1, 0, 0, 1, 0, 0, 1.0]), 0.5) is None  # recovered
+    assert stays_below(steps, np.zeros(8), 0.5) == 1
+    assert stays_below(steps, np.array([0, 0, 0, np.nan, 0, 0, 0, 0]), 0.5) == 5
+    flat = pd.DataFrame({"step": range(1, 101), "reward": 0.0})
+    assert curve_collapse(flat, "reward", 0.5, CollapseRule()) is None  # nothing to lose
+    drop = pd.DataFrame({"step": range(1, 101), "reward": [0.5] * 60 + [0.1] * 40})
+    # w = 10; the trailing mean first falls below 0.25 once 7 of its 10 steps are low: step 67
+    assert curve_collapse(drop, "reward", 0.5, CollapseRule()) == 67
+    assert curve_collapse(drop, "reward", 0.5, CollapseRule(window=1)) == 61
+    short = pd.DataFrame({"step": [1, 2, 3], "reward": [0.4, 0.1, 0.1]})
+    assert curve_collapse(short, "reward", 0.5, CollapseRule()) == 2  # w = 1 for a run this short
+
+
+def test_t_quantiles():
+    assert t975(2) == 4.303 and t975(30) == 2.042
+    assert t975(31) == pytest.approx(2.040, abs=2e-3) and t975(1000) == pytest.approx(1.962, abs=1e-3)
+
+
+def test_gradient_verdicts_and_table1(report):
+    rep, _ = report
+    assert GRADIENT_VERDICTS[("k1", "reward")] == "unbiased"
+    assert gradient_verdict("k1", {"name": "loss"}) == "zero in expectation"
+    assert gradient_verdict("k3", {"name": "reward"}) == "biased"
+    assert gradient_verdict("k3", {"name": "loss"}) == "biased (per-context forward KL)"
+    assert gradient_verdict("k2", {"name": "loss"}) == "token-level partial"
+    assert gradient_verdict("k3", {"name": "both"}) == gradient_verdict("k1", {"name": "both"}) == "unbiased"
+    assert gradient_verdict("none", {"name": "none"}) == "no KL"
+    assert gradient_verdict("k3", {"name": "loss", "loss_is_weight": True}) == "token-level partial"
+    assert gradient_verdict("k1", {"name": "reward", "reward_form": "togo"}) == "unbiased"
+    assert gradient_verdict("k1", {"name": "reward"}, off_policy=True) == "biased (off-policy)"
+    assert gradient_verdict("k1", {"name": "reward", "reward_is_weight": True}, off_policy=True) == "unbiased"
+    assert placement_label({"name": "both", "reward_form": "togo", "reward_is_weight": True, "loss_is_weight": True}) \
+        == "both[togo,reward-is,loss-is]"
+    assert placement_label({"name": "loss", "loss_is_weight": False}) == "loss"
+
+    t1 = rep.table1.set_index(["estimator", "placement"])
+    assert list(t1.index) == [("none", "none"), ("k1", "reward"), ("k1", "reward[togo]"), ("k1", "loss"),
+                              ("k2", "loss"), ("k3", "reward"), ("k3", "loss")]
+    assert t1.loc[("k1", "reward"), "gradient"] == "unbiased"
+    assert t1.loc[("k1", "loss"), "gradient"] == "zero in expectation"
+    assert t1.loc[("k3", "reward"), "gradient"] == "biased"
+    assert t1.loc[("k3", "loss"), "gradient"] == "biased (per-context forward KL)"
+    assert t1.loc[("k2", "loss"), "gradient"] == "token-level partial"
+    assert t1.loc[("none", "none"), "gradient"] == "no KL"
+    assert t1.loc[("k1", "reward"), "stability"] == "stable 4/4"  # both betas; the unreadable run is not judged
+    assert t1.loc[("k3", "reward"), "stability"] == "collapsed (eval, reward) 2/2"
+    assert t1.loc[("k1", "loss"), "stability"] == "diverged 1/2; stable 1/2"
+    # k1/reward is represented by its best beta (0.05: 0.60 in-domain, 0.65 OOD).
+    id_rank = t1["id_rank"].to_dict()
+    assert id_rank == {("k1", "reward"): 1, ("k1", "reward[togo]"): 2, ("k3", "loss"): 3, ("k1", "loss"): 4,
+                       ("none", "none"): 5, ("k3", "reward"): 6, ("k2", "loss"): pytest.approx(float("nan"), nan_ok=True)}
+    assert t1.loc[("none", "none"), "ood_rank"] == 1 and t1.loc[("k1", "reward"), "ood_rank"] == 3
+    assert t1.loc[("k1", "reward"), "id_rank_detail"] == "0.600 @β=0.05"
+
+
+def test_markdown(report, sweep):
+    rep, _ = report
+    md = markdown(rep, [sweep])
+    assert "| tiny | k1 | reward | 0.1 | 0.540 ± 0.099 | 0.720 ± 0.050 |" in md
+    assert "| tiny | k3 | loss | 0.1 | 0.480 ± 0.060† |" in md
+    assert "1 completed, 1 failed, 1 running |" in md
+    assert "| k3 | reward | biased | collapsed (eval, reward) 2/2 | 6 (0.000 @β=0.1) |" in md
+    assert "- failed: `" in md and "RuntimeError: CUDA out of memory" in md
+    assert "- diverged: `" in md and "(at step 15: non-finite loss)" in md
+    assert "- running: `" in md and "(step 7/40)" in md
+    assert "- pending: `" in md and "estimator=k2" in md
+    assert "no readable config (not in the table): `" in md
+    assert "16 runs: 10 completed, 1 diverged, 1 failed, 1 running, 2 pending, 1 unknown." in md
+
+
+def test_files_written(report, tmp_path):
+    rep, _ = report
+    csv, t1csv = write_csv(rep, tmp_path / "out" / "results.csv")
+    assert t1csv.name == "results.table1.csv"
+    back = pd.read_csv(csv)
+    assert len(back) == 8 and {"id_pass1", "id_pass1_lo", "ood_pass1_hi", "stability", "kl", "failed"} <= set(back)
+    assert back.loc[back["estimator"].eq("k1") & back["beta"].eq(0.1) & back["placement"].eq("reward"),
+                    "id_pass1"].item() == pytest.approx(0.54)
+    assert len(pd.read_csv(t1csv)) == 7
+    write_latex(rep, tmp_path / "out" / "results.tex")
+    tex = (tmp_path / "out" / "results.tex").read_text()
+    assert tex.count(r"\begin{tabular}") == 2 and r"\toprule" in tex and r"0.540 $\pm$ 0.099" in tex
+    assert "reward[togo]" in tex and "β" not in tex and "±" not in tex and "†" not in tex
+    assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]  # no temporary files left
+    pngs = write_plots(rep, tmp_path / "plots")
+    assert [p.name for p in pngs] == ["curves_tiny.png"]
+    assert pngs[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and pngs[0].stat().st_size > 20_000
+
+
+def test_latex_escapes():
+    from klrl.table_render import latex_escape
+
+    assert latex_escape("a_b & 50% {x} #1 $") == r"a\_b \& 50\% \{x\} \#1 \$"
+    assert latex_escape("0.5 ± 0.1†, β=0.1") == r"0.5 $\pm$ 0.1$^\dagger$, $\beta$=0.1"
+
+
+def test_damaged_runs_never_crash(tmp_path):
+    empty = tmp_path / "empty"
+    (empty / ".hydra").mkdir(parents=True)
+    (empty / ".hydra" / "config.yaml").write_text(_composed(("seed=0", f"steps={STEPS}")))
+    (empty / "metrics.jsonl").write_text("")
+    (empty / "summary.json").write_text(json.dumps({"status": "completed", "steps": 3}))
+    garbage = write_run(tmp_path, ["seed=1"], "running")
+    (garbage / "metrics.jsonl").write_bytes(b'\x00\xff{"step":\n[1, 2]\n"text"\n')
+    odd = write_run(tmp_path, ["seed=2"], "exploded")
+    runs, warnings = load_sweep([tmp_path])
+    assert {r.status for r in runs} == {"completed", "running", "unknown"}
+    assert run_stability(load_run(empty), CollapseRule()).kind == "unknown"
+    rep = make_report(runs)
+    assert len(rep.rows) == 1 and rep.rows.iloc[0]["runs"] == 3
+    assert "unexpected status 'exploded'" in " ".join(warnings) and str(odd) in " ".join(warnings)
+    md = markdown(rep)
+    assert "| unknown |" in md or "1 unknown" in md
+
+
+def test_missing_runs_from_multirun_yaml(tmp_path):
+    """A sweep that died after its first job: the jobs multirun.yaml lists but nobody started are `missing`."""
+    (tmp_path / "multirun.yaml").write_text(yaml.safe_dump(
+        {"hydra": {"overrides": {"hydra": ["hydra.mode=MULTIRUN"], "task": ["seed=0,1,2", "beta=0.05", "progress=false"]},
+                   "sweeper": {"params": None}}}))
+    write_run(tmp_path, ["seed=0", "beta=0.05", "progress=False"], "failed", add_steps=False, error="ValueError: boom")
+    runs, _ = load_sweep([tmp_path])
+    assert sorted(r.status for r in runs) == ["failed", "missing", "missing"]
+    rep = make_report(runs)
+    assert len(rep.rows) == 1  # the missing jobs land in the same configuration row
+    r = rep.rows.iloc[0]
+    assert (r["failed"], r["missing"], r["seeds"]) == (1, 2, "0,1,2")
+    assert "- missing: `seed=1 beta=0.05 progress=False`" in markdown(rep)
+
+
+def _klrl() -> list[str]:
+    exe = Path(sys.executable).with_name("klrl")
+    return [str(exe)] if exe.exists() else [sys.executable, "-c", "from klrl.cli import main; main()"]
+
+
+def test_cli(sweep, tmp_path):
+    out = subprocess.run([*_klrl(), "table", str(sweep), "--csv", str(tmp_path / "t.csv"), "--latex",
+                          str(tmp_path / "t.tex"), "--plots", str(tmp_path / "plots"), "--window", "5"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("## Sweep results") and "## Table 1" in out.stdout
+    assert "window=5" in out.stdout
+    assert (tmp_path / "t.csv").exists() and (tmp_path / "t.table1.csv").exists() and (tmp_path / "t.tex").exists()
+    assert (tmp_path / "plots" / "curves_tiny.png").exists()
+    assert "warning:" in out.stderr  # the damaged runs are reported, not fatal
+    bad = subprocess.run([*_klrl(), "table", str(tmp_path / "nope")], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "not a directory" in bad.stderr
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    none = subprocess.run([*_klrl(), "table", str(empty)], capture_output=True, text=True, timeout=300)
+    assert none.returncode == 1 and "no run directories" in none.stderr
+    rule = subprocess.run([*_klrl(), "table", str(sweep), "--reward-frac", "2"], capture_output=True, text=True,
+                          timeout=300)
+    assert rule.returncode == 2 and "--reward-frac" in rule.stderr
+
+
+def test_real_tiny_sweep(tmp_path):
+    """A real two-job Hydra sweep, tabled. The warm start is shrunk and cached in tmp_path: hermetic and quick."""
+    sweep = tmp_path / "sweep"
+    env = {**os.environ, "KLRL_CACHE": str(tmp_path / "cache")}
+    t0 = time.perf_counter()
+    train = subprocess.run(
+        [*_klrl(), "train", "-m", "estimator=k1,k3", "steps=3", "eval.n_samples=1", "task.eval_size=20",
+         "progress=false", "tensorboard=false", "model.warmstart.steps=20", f"hydra.sweep.dir={sweep}"],
+        capture_output=True, text=True, env=env, timeout=600)
+    assert train.returncode == 0, train.stderr[-3000:]
+    out = subprocess.run([*_klrl(), "table", str(sweep), "--csv", str(tmp_path / "t.csv"), "--plots",
+                          str(tmp_path / "plots")], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    rows = pd.read_csv(tmp_path / "t.csv")
+    assert list(zip(rows["estimator"], rows["placement"], rows["completed"])) == [("k1", "reward", 1), ("k3", "reward", 1)]
+    assert rows["id_pass1"].between(0, 1).all() and rows["ood_pass1"].between(0, 1).all()
+    assert (rows["id_pass1_lo"] <= rows["id_pass1"]).all() and (rows["id_pass1"] <= rows["id_pass1_hi"]).all()
+    assert rows["kl"].notna().all() and rows["entropy"].gt(0).all()
+    assert list(rows["gradient"]) == ["unbiased", "biased"]
+    assert (tmp_path / "plots" / "curves_tiny.png").exists()
+    assert "2 runs: 2 completed." in out.stdout
+    print(f"real sweep + table: {time.perf_counter() - t0:.1f} s")
