@@ -10,6 +10,7 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from klrl.config import ConfigError, register_configs
@@ -40,11 +41,16 @@ def _remove_if_fresh(run_dir: Path) -> None:
 def train_main(cfg: DictConfig) -> str:
     from klrl.trainer import train
 
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    hc = HydraConfig.get()
+    run_dir = Path(hc.runtime.output_dir)
+    # In a sweep, a failing run raises: the launcher records it and the other runs go on. A single run exits.
+    sweeping = hc.mode == RunMode.MULTIRUN
     try:
         status = train(cfg, run_dir)
     except ConfigError as e:
         _remove_if_fresh(run_dir)
+        if sweeping:
+            raise RuntimeError(f"klrl: {e}") from None
         fail(str(e))
     except (Exception, KeyboardInterrupt) as e:
         summary_path = run_dir / SUMMARY
@@ -52,6 +58,8 @@ def train_main(cfg: DictConfig) -> str:
         summary.update(status="failed", error=f"{type(e).__name__}: {e}")
         write_json(summary_path, summary)
         log.error("run failed:\n%s", traceback.format_exc())
+        if sweeping and not isinstance(e, KeyboardInterrupt):
+            raise RuntimeError(f"run failed ({type(e).__name__}: {e}); see {run_dir}") from None
         fail(f"run failed ({type(e).__name__}: {e}); see {run_dir}", code=1)
     log.info("%s: %s", status, run_dir)
     return status

@@ -210,6 +210,11 @@ def validate(cfg: DictConfig) -> None:
     _choice("model.source", cfg.model.source, SOURCES)
     _choice("task.name", cfg.task.name, tuple(TASKS))
     _choice("device", cfg.device, ("auto", "cpu", "cuda"))
+    if cfg.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("device=cuda but no CUDA device is visible here; use device=auto or device=cpu")
     _choice("generation.backend", cfg.generation.backend, ("hf", "vllm"))
     _choice("model.dtype", cfg.model.dtype, ("float32", "bfloat16", "float16"))
 

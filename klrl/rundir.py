@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-import torch
 
 SUMMARY, METRICS, CHECKPOINT = "summary.json", "metrics.jsonl", "checkpoint.pt"
 
@@ -61,16 +60,22 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 
 def rng_state() -> dict:
+    import torch
+
     return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
 
 
 def set_rng_state(state: dict) -> None:
+    import torch
+
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
 
 
 def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, extra: dict | None = None) -> None:
+    import torch
+
     state = {
         "step": step,
         "model": model.state_dict(),
@@ -83,6 +88,8 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, extra
 
 
 def load_checkpoint(run_dir: Path) -> dict | None:
+    import torch
+
     path = Path(run_dir) / CHECKPOINT
     return torch.load(path, map_location="cpu", weights_only=False) if path.exists() else None
 

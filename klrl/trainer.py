@@ -224,7 +224,9 @@ def train(cfg: DictConfig, run_dir: Path) -> str:
     optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
     warmup = max(o.warmup_steps, 0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
-    ring = SnapshotRing(model, cfg.async_level) if cfg.async_level > 0 else None
+    ring = SnapshotRing(model, cfg.async_level) if cfg.async_level > 0 and cfg.async_mode == "sim" else None
+    if cfg.async_mode == "pipeline" and dist.world > 1:
+        raise ConfigError("async_mode=pipeline runs with a single trainer process; use async_mode=sim with several ranks")
 
     start = 0
     ckpt = load_checkpoint(run_dir) if cfg.resume else None
@@ -248,6 +250,7 @@ def train(cfg: DictConfig, run_dir: Path) -> str:
 
     def write_summary() -> None:
         if dist.main:
+            summary["updated_at"] = time.time()  # a heartbeat: a "running" run that stops updating was killed
             write_json(summary_path, summary)
 
     def run_eval(step: int) -> dict:
@@ -262,7 +265,15 @@ def train(cfg: DictConfig, run_dir: Path) -> str:
             extra = {"config": comparable(cfg), **({"ring": ring.state()} if ring is not None else {})}
             save_checkpoint(run_dir, step, model, optimizer, scheduler, extra)
 
+    pipeline = None
+    if cfg.async_mode == "pipeline":
+        from klrl.pipeline import Pipeline
+
+        pipeline = Pipeline(cfg, model, start_step=start)
+
     def next_batch(step: int) -> Batch:
+        if pipeline is not None:
+            return pipeline.get(step)
         if ring is None:
             return collect(step, cfg, model, tokenizer, task, dist)
         ring.push(model)
@@ -282,20 +293,25 @@ def train(cfg: DictConfig, run_dir: Path) -> str:
                 rec = update(next_batch(step), cfg, model, ref, optimizer, scheduler, kl, pg, dist)
             except Diverged as e:
                 metrics.write({"step": step + 1, "kind": "diverged", "reason": str(e)})
-                summary.update(status="diverged", step=step, diverged_at=step + 1, reason=str(e), final_eval=last_eval)
+                summary.update(status="diverged", step=step, diverged_at=step + 1, reason=str(e), last_eval=last_eval)
                 write_summary()
                 log.warning("diverged at step %d: %s", step + 1, e)
                 return "diverged"
+            if pipeline is not None:
+                pipeline.publish(step + 1, model)
+                rec.update(pipeline.stats())
             metrics.write({"step": step + 1, "kind": "train", **rec})
             done = step + 1
             if done == cfg.steps or (cfg.eval.every and done % cfg.eval.every == 0):
                 last_eval = run_eval(done)
             if done == cfg.steps or done % cfg.ckpt_every == 0:
                 save(done)
-                summary["step"] = done
-                write_summary()
+            summary["step"] = done
+            write_summary()
         summary.update(status="completed", step=cfg.steps, final_eval=last_eval)
         write_summary()
         return "completed"
     finally:
+        if pipeline is not None:
+            pipeline.close()
         metrics.close()

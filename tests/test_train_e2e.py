@@ -186,3 +186,24 @@ def test_run_directory_contents(tmp_path):
     assert set(ckpt) >= {"step", "model", "optimizer", "scheduler", "rng", "config"} and ckpt["step"] == 2
     assert not [p for p in r.iterdir() if p.name.startswith(".") and p.name != ".hydra"]  # no temp files left
     assert json.loads((r / SUMMARY).read_text())["initial_eval"]["eval/id/pass@1"] >= 0
+
+
+def test_a_failing_run_does_not_stop_a_local_sweep(tmp_path):
+    import os
+
+    sweep = tmp_path / "sweep"
+    proc = run_klrl("train", "-m", *FAST, "steps=1", f"cache_dir=/proc/klrl-nope,{os.environ['KLRL_CACHE']}",
+                    f"hydra.sweep.dir={sweep}", "hydra.sweep.subdir=${hydra.job.num}", cwd=tmp_path)
+    assert proc.returncode != 0 and "run failed" in proc.stderr
+    assert read_json(sweep / "0" / SUMMARY)["status"] == "failed"
+    assert read_json(sweep / "1" / SUMMARY)["status"] == "completed"
+
+
+def test_device_cuda_without_cuda_is_refused_up_front(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")  # the check under test only exists where CUDA does not
+    proc = run_klrl("train", "device=cuda", cwd=tmp_path)
+    assert proc.returncode == 2 and "device=cuda but no CUDA device" in proc.stderr
+    assert not (tmp_path / "outputs").exists()
