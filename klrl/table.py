@@ -56,7 +56,6 @@ ESTIMATOR_ORDER = ("none", "k1", "k2", "k3")
 PLACEMENT_ORDER = ("none", "reward", "loss", "both")
 # Config keys that say how a run was executed, not what it computes; they never split rows.
 OPERATIONAL_KEYS = {"seed", "resume", "progress", "tensorboard", "device", "cache_dir", "ckpt_every"}
-KEY_FIELDS = ("model", "estimator", "placement", "beta")
 
 
 # --- theory -------------------------------------------------------------------------------------------------------
@@ -235,8 +234,9 @@ T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2
 def t975(df: int) -> float:
     if df <= len(T975):
         return T975[df - 1]
-    z = 1.959964  # beyond the table the first Cornish-Fisher term is within 1e-3 of the exact quantile
-    return z + (z**3 + z) / (4 * df)
+    z = 1.959964  # beyond the table, the Cornish-Fisher expansion in 1/df is within 1e-4 of the exact quantile
+    return (z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+            + (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / (384 * df**3))
 
 
 def aggregate_eval(runs: list[Run], key: str) -> dict:
@@ -276,7 +276,8 @@ def flatten(d: dict, prefix: str = "") -> dict[str, str]:
 def basic_key(cfg: dict) -> tuple[str, str, str, float]:
     model = cfg.get("model") or {}
     est = (cfg.get("estimator") or {}).get("name", "?")
-    return (str(model.get("name", "?")), str(est), placement_label(cfg.get("placement") or {}), float(cfg.get("beta", math.nan)))
+    place = placement_label(cfg.get("placement") or {})
+    return str(model.get("name", "?")), str(est), place, float(cfg.get("beta", math.nan))
 
 
 def _is_key_field(k: str) -> bool:
@@ -362,6 +363,10 @@ def _seed(r: Run):
     return (r.config or {}).get("seed")
 
 
+def _seed_order(seed) -> tuple:
+    return (0, seed, "") if isinstance(seed, int) else (1, 0, str(seed))  # numeric order: 2 before 10
+
+
 def row_of(g: Group, rule: CollapseRule) -> dict:
     completed = [r for r in g.runs if r.status == "completed"]
     verdicts = [run_stability(r, rule) for r in g.runs if r.status in FINISHED]
@@ -370,7 +375,7 @@ def row_of(g: Group, rule: CollapseRule) -> dict:
                  "runs": len(g.runs)}
     for s in STATUSES:
         row[s] = sum(r.status == s for r in g.runs)
-    row["seeds"] = ",".join(str(s) for s in sorted({_seed(r) for r in g.runs}, key=str))
+    row["seeds"] = ",".join(map(str, sorted({_seed(r) for r in g.runs}, key=_seed_order)))
     for col, key in EVAL_METRICS.items():
         agg = aggregate_eval(completed, key)
         row[col], row[f"{col}_lo"], row[f"{col}_hi"], row[f"{col}_n"] = agg["mean"], agg["lo"], agg["hi"], agg["n"]
@@ -429,8 +434,8 @@ def table1_of(rows: pd.DataFrame, groups: list[Group], rule: CollapseRule) -> pd
                 f"{a:.3f} @β={b:g}" if math.isfinite(a) else "—" for a, b in zip(mine["ood_pass1"], mine["beta"]))
         out.append(rec)
     t1 = pd.DataFrame(out)
-    order = t1.apply(lambda r: (_order(r["estimator"], ESTIMATOR_ORDER), _order(r["placement"], PLACEMENT_ORDER)), axis=1)
-    return t1.iloc[sorted(range(len(t1)), key=lambda i: order.iloc[i])].reset_index(drop=True)
+    order = [(_order(e, ESTIMATOR_ORDER), _order(p, PLACEMENT_ORDER)) for e, p in zip(t1["estimator"], t1["placement"])]
+    return t1.iloc[sorted(range(len(t1)), key=order.__getitem__)].reset_index(drop=True)
 
 
 def make_report(runs: list[Run], rule: CollapseRule = CollapseRule()) -> Report:
@@ -470,17 +475,21 @@ def parser() -> argparse.ArgumentParser:
         description="Results table of a sweep (seeds aggregated) and the paper's qualitative Table 1, as markdown on "
                     "stdout. A sweep is any directory tree of run directories; partial sweeps are fine.")
     p.add_argument("sweep_dirs", nargs="+", type=Path, metavar="SWEEP_DIR")
-    p.add_argument("--csv", type=Path, metavar="PATH", help="the table as CSV; Table 1 goes to PATH's stem + .table1.csv")
+    p.add_argument("--csv", type=Path, metavar="PATH",
+                   help="the table as CSV; Table 1 goes to PATH's stem + .table1.csv")
     p.add_argument("--latex", type=Path, metavar="PATH", help="both tables as LaTeX tabulars (booktabs)")
     p.add_argument("--plots", type=Path, metavar="DIR", help="training curves, one PNG per model")
     g = p.add_argument_group("collapse rule (see `klrl.table` / docs/table.md)")
     g.add_argument("--window", type=_positive_int, default=d.window, help=f"trailing-mean steps (default {d.window})")
     g.add_argument("--reward-frac", type=_fraction, default=d.reward_frac,
-                   help=f"collapsed when the smoothed reward stays below this fraction of its start (default {d.reward_frac})")
+                   help="collapsed when the smoothed reward stays below this fraction of its start "
+                        f"(default {d.reward_frac})")
     g.add_argument("--eval-drop", type=_nonneg, default=d.eval_drop,
-                   help=f"collapsed when in-domain pass@1 stays this much below its step-0 value (default {d.eval_drop})")
+                   help="collapsed when in-domain pass@1 stays this much below its step-0 value "
+                        f"(default {d.eval_drop})")
     g.add_argument("--entropy-frac", type=_fraction, default=d.entropy_frac,
-                   help=f"entropy collapse below this fraction of the initial entropy; 0 = off (default {d.entropy_frac})")
+                   help="entropy collapse below this fraction of the initial entropy; 0 = off "
+                        f"(default {d.entropy_frac})")
     return p
 
 

@@ -58,6 +58,10 @@ class Run:
         return at0.iloc[0].dropna().to_dict() if len(at0) else {}
 
 
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [""])[0]
+
+
 def _read_yaml(path: Path) -> Any:
     with open(path) as f:
         return yaml.safe_load(f)
@@ -101,7 +105,7 @@ def load_run(path: Path) -> Run:
             raise ValueError("not a mapping")
     except Exception as e:  # noqa: BLE001 - a damaged run must not stop the table
         config = None
-        notes.append(f"unreadable {CONFIG}: {type(e).__name__}: {e}")
+        notes.append(f"unreadable {CONFIG}: {type(e).__name__}: {_first_line(e)}")
     overrides = None
     if (path / OVERRIDES).is_file():
         try:
@@ -123,7 +127,7 @@ def load_run(path: Path) -> Run:
                 status = "unknown"
         except Exception as e:  # noqa: BLE001
             summary, status = {}, "unknown"
-            notes.append(f"unreadable {SUMMARY}: {type(e).__name__}: {e}")
+            notes.append(f"unreadable {SUMMARY}: {type(e).__name__}: {_first_line(e)}")
 
     records, bad = read_metrics_lenient(path / METRICS)
     if bad:
@@ -152,8 +156,12 @@ def find_run_dirs(root: Path) -> list[Path]:
     return sorted(found)
 
 
-def expected_jobs(multirun_yaml: Path) -> list[list[str]]:
-    """The override list of every job a Hydra sweep launched, as that job's `.hydra/overrides.yaml` records it.
+BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
+
+
+def expected_jobs(multirun_yaml: Path) -> list[list[str]] | None:
+    """The override list of every job a Hydra sweep launched, as that job's `.hydra/overrides.yaml` records it;
+    None when the sweep used a sweeper other than Hydra's basic one, whose job list cannot be known from here.
 
     Expanded with Hydra's own BasicSweeper, as the sweep was, so that the strings compare equal ("false" on the
     command line is "False" in a job's overrides).
@@ -162,8 +170,11 @@ def expected_jobs(multirun_yaml: Path) -> list[list[str]]:
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     hydra_cfg = (_read_yaml(multirun_yaml) or {}).get("hydra") or {}
+    sweeper = hydra_cfg.get("sweeper") or {}
+    if sweeper.get("_target_", BASIC_SWEEPER) != BASIC_SWEEPER:
+        return None
     task = list((hydra_cfg.get("overrides") or {}).get("task") or [])
-    params = (hydra_cfg.get("sweeper") or {}).get("params") or {}
+    params = sweeper.get("params") or {}
     args = [f"{k}={v}" for k, v in params.items()] + task
     parsed = OverridesParser.create().parse_overrides(args)
     jobs = [o for o in parsed if not o.is_hydra_override()]
@@ -194,7 +205,10 @@ def compose_configs(jobs: list[list[str]]) -> list[dict | None]:
 
 
 def missing_runs(root: Path, runs: list[Run]) -> tuple[list[Run], list[str]]:
-    """Runs that a multirun.yaml under root expected but that have no directory. Returns (runs, warnings)."""
+    """Runs that a multirun.yaml under root expected but that have no directory. Returns (runs, warnings).
+
+    Only for sweeps made by Hydra's basic sweeper; with any other sweeper no run is reported missing.
+    """
     have = {frozenset(r.overrides) for r in runs if r.overrides is not None}
     warnings: list[str] = []
     seen: set[frozenset] = set()
@@ -203,9 +217,10 @@ def missing_runs(root: Path, runs: list[Run]) -> tuple[list[Run], list[str]]:
         try:
             jobs = expected_jobs(mr)
         except Exception as e:  # noqa: BLE001
-            warnings.append(f"{mr}: cannot list the sweep's jobs ({type(e).__name__}: {e}); missing runs not shown")
+            warnings.append(f"{mr}: cannot list the sweep's jobs ({type(e).__name__}: {_first_line(e)}); "
+                            "missing runs not shown")
             continue
-        for job in jobs:
+        for job in jobs or []:
             key = frozenset(job)
             if key in have or key in seen:
                 continue

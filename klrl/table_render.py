@@ -14,9 +14,11 @@ from pathlib import Path
 import pandas as pd
 
 from klrl.rundir import atomic_write
-from klrl.table import EVAL_METRICS, Report, _fmt_rank
+from klrl.table import Report, _fmt_rank
+from klrl.table_load import STATUSES
 
-EVAL_HEADERS = {"id_pass1": "ID pass@1", "ood_pass1": "OOD pass@1", "id_greedy": "ID greedy", "ood_greedy": "OOD greedy"}
+EVAL_HEADERS = {"id_pass1": "ID pass@1", "ood_pass1": "OOD pass@1", "id_greedy": "ID greedy",
+                "ood_greedy": "OOD greedy"}
 CURVES = (("reward", "training reward"), ("kl/exact", "KL (exact, per sequence)"), ("entropy", "entropy (per token)"),
           ("grad_norm", "gradient norm (before clipping)"))
 ATTENTION = ("diverged", "failed", "running", "pending", "missing", "unknown")
@@ -39,8 +41,6 @@ def fmt_eval(row: pd.Series, col: str) -> str:
 
 
 def fmt_runs(row: pd.Series) -> str:
-    from klrl.table_load import STATUSES
-
     return ", ".join(f"{row[s]} {s}" for s in STATUSES if row[s])
 
 
@@ -80,7 +80,8 @@ def md_table(df: pd.DataFrame) -> str:
 def _attention(report: Report) -> list[str]:
     lines = []
     for status in ATTENTION:
-        runs = [r for r in report.runs if r.status == status]
+        unplaced = {id(r) for r in report.unplaced}
+        runs = [r for r in report.runs if r.status == status and id(r) not in unplaced]
         for r in runs[:LIST_AT_MOST]:
             s = r.summary
             if status == "diverged":
@@ -101,8 +102,6 @@ def _attention(report: Report) -> list[str]:
 
 def markdown(report: Report, roots: list[Path] | None = None) -> str:
     counts = pd.Series([r.status for r in report.runs]).value_counts()
-    from klrl.table_load import STATUSES
-
     tally = ", ".join(f"{counts[s]} {s}" for s in STATUSES if s in counts)
     where = ", ".join(f"`{p}`" for p in roots or [])
     n = len(report.runs)
