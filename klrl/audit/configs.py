@@ -44,7 +44,8 @@ class AuditConfig:
 
 
 def _make(est: str, placement: str, form: str | None, r_is: bool, l_is: bool, beta: float) -> AuditConfig:
-    name = f"{est}-{placement}" + ("+togo" if form == "togo" else "") + ("+seqIS" if r_is else "") + ("+tokIS" if l_is else "")
+    suffix = ("+togo" if form == "togo" else "") + ("+seqIS" if r_is else "") + ("+tokIS" if l_is else "")
+    name = f"{est}-{placement}{suffix}"
     # Through kl_spec, so that the audit cannot drift from what `klrl train` builds from the same choices.
     cfg = OmegaConf.create({
         "beta": beta,
@@ -74,7 +75,8 @@ def select(patterns: list[str] | None, beta: float = 1.0) -> list[AuditConfig]:
         hits = [c for c in configs if fnmatch.fnmatchcase(c.name, pat)]
         if not hits:
             raise ValueError(
-                f"unknown configuration {pat!r}; choose from: {', '.join(c.name for c in configs)} (globs such as 'k3-*' work)"
+                f"unknown configuration {pat!r}; choose from: {', '.join(c.name for c in configs)} "
+                "(globs such as 'k3-*' work)"
             )
         chosen += [c for c in hits if c not in chosen]
     return [c for c in configs if c in chosen]

@@ -15,10 +15,12 @@ Nothing here restates the theory's formulas: the estimator is the real loss, the
 from __future__ import annotations
 
 import itertools
+import warnings
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.func import functional_call
 
 from klrl.losses import KLSpec, PGSpec, policy_loss
 from klrl.toy import exact_targets, groups
@@ -38,19 +40,28 @@ class Enumeration:
     gram: Tensor  # [N*T, N*T] J J^T
 
 
-def score_jacobian(policy: nn.Module, seqs: Tensor, chunk: int = 512) -> Tensor:
+class _LogProbs(nn.Module):
+    """policy.log_probs as a module call, so that torch.func can swap policy.theta for a functional tensor."""
+
+    def __init__(self, policy: nn.Module):
+        super().__init__()
+        self.policy = policy
+
+    def forward(self, seqs: Tensor) -> Tensor:
+        return self.policy.log_probs(seqs)
+
+
+def score_jacobian(policy: nn.Module, seqs: Tensor) -> Tensor:
     """[N*T, P]: row (n, t) is grad_theta log pi(y_nt | y_n,<t), in toy.flat_grad's parameter order."""
-    rows = policy.log_probs(seqs).reshape(-1)
-    out = []
-    for s in range(0, rows.numel(), chunk):
-        eye = torch.zeros(min(chunk, rows.numel() - s), rows.numel(), dtype=rows.dtype)
-        eye[:, s : s + chunk].fill_diagonal_(1.0)
-        (jac,) = torch.autograd.grad(rows, [policy.theta], eye, is_grads_batched=True, retain_graph=True)
-        out.append(jac.reshape(len(eye), -1))
-    return torch.cat(out)
+    wrapper = _LogProbs(policy)
+    fn = torch.func.jacrev(lambda th: functional_call(wrapper, {"policy.theta": th}, (seqs,)), chunk_size=512)
+    with warnings.catch_warnings():  # sdpa's backward has no vmap rule yet; the fallback loop is exact, only slower
+        warnings.filterwarnings("ignore", message=".*performance drop.*")
+        return fn(policy.theta.detach()).reshape(seqs.numel(), -1)
 
 
-def enumerate_groups(policy: nn.Module, ref: nn.Module, group_size: int, behaviour: nn.Module | None = None) -> Enumeration:
+def enumerate_groups(policy: nn.Module, ref: nn.Module, group_size: int, behaviour: nn.Module | None = None
+                     ) -> Enumeration:
     behaviour = behaviour if behaviour is not None else policy
     seqs = policy.all_sequences()
     idx = groups(len(seqs), group_size)
@@ -80,7 +91,8 @@ def moments(en: Enumeration, c: Tensor, chunk: int = 1 << 22) -> tuple[Tensor, f
     T = en.logp.shape[1]
     pos = (en.idx[:, :, None] * T + torch.arange(T)).reshape(len(en.idx), -1)  # [groups, G*T] rows of J
     cw = c.reshape(len(en.idx), -1)
-    mean_rows = torch.zeros(en.jac.shape[0], dtype=c.dtype).index_add_(0, pos.reshape(-1), (en.weight[:, None] * cw).reshape(-1))
+    weighted = (en.weight[:, None] * cw).reshape(-1)
+    mean_rows = torch.zeros(en.jac.shape[0], dtype=c.dtype).index_add_(0, pos.reshape(-1), weighted)
     mean = en.jac.T @ mean_rows
     step = max(1, chunk // cw.shape[1] ** 2)
     second = torch.zeros((), dtype=c.dtype)
@@ -138,7 +150,7 @@ def decompose(g: Tensor, basis: dict[str, Tensor], tol: float = 1e-6, max_terms:
     if g.norm() <= tol * scale:
         return {}
     names = list(basis)
-    for k in range(1, max_terms + 1):
+    for k in range(1, min(max_terms, g.numel() - 1) + 1):  # k >= P terms would fit any g and say nothing
         best = None
         for subset in itertools.combinations(names, k):
             a = torch.stack([basis[n] for n in subset], 1)

@@ -56,7 +56,8 @@ class TransformerPolicy(nn.Module):
 
         The toy enumerates every G-tuple, so the same few responses recur thousands of times: run each once, and
         when no gradient is wanted (pi_ref, pi_old, sampling weights) reuse the result until theta changes."""
-        if torch.is_grad_enabled() and self.theta.requires_grad:
+        # Under torch.func (or while theta is being differentiated) theta is not this module's own parameter.
+        if not isinstance(self.theta, nn.Parameter) or (torch.is_grad_enabled() and self.theta.requires_grad):
             return self._forward_all()
         key = (self.theta.data_ptr(), self.theta._version)
         if self._cache is None or self._cache[0] != key:
@@ -106,7 +107,7 @@ def tiny_llama(vocab: int, length: int, seed: int = 0, init: float = 0.5):
     """A one-layer LlamaForCausalLM over `vocab` tokens, in float64 so that exact identities show to ~1e-12.
 
     `init` (std of the weights) is large on purpose: at the usual 0.02 every next-token distribution is uniform
-    and all KL gradients vanish."""
+    and all KL gradients vanish. Attention stays on sdpa: the eager path takes its softmax in float32."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(
@@ -128,17 +129,19 @@ def _rms_norm_float64(self, x: Tensor) -> Tensor:
     return self.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
 
 
+WEIGHT_STEP = 0.1  # weight noise per unit of distance: --distance 0.5 then gives a KL near the tabular default's
+
+
 def transformer_triple(vocab: int, length: int, distance: float, off_distance: float, seed: int = 0) -> Triple:
-    """The same construction in weight space: pi = pi_ref's weights + distance * init * N(0, 1), and so on.
+    """The same construction in weight space: pi = pi_ref's weights + 0.1 * distance * N(0, 1), and so on.
 
     The prompt is a single fixed token (0); every one of the V**T responses to it is enumerated."""
-    init = 0.5
-    net = tiny_llama(vocab, length, seed, init)
+    net = tiny_llama(vocab, length, seed)
     w = TransformerPolicy.flat_weights(net)
     ref = TransformerPolicy(net, w, torch.zeros(1), length)
-    w_pi = w + distance * init * _noise(w, seed + 1)
+    w_pi = w + distance * WEIGHT_STEP * _noise(w, seed + 1)
     policy = ref.with_theta(w_pi)
-    old = ref.with_theta(w_pi + off_distance * init * _noise(w, seed + 2))
+    old = ref.with_theta(w_pi + off_distance * WEIGHT_STEP * _noise(w, seed + 2))
     return Triple(ref.requires_grad_(False), policy, old.requires_grad_(False))
 
 

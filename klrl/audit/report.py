@@ -10,9 +10,10 @@ SCHEMA = "klrl.audit/1"
 # The paper's four configurations, the corrected "both" forms, and the token-level ones: the lines worth plotting.
 HEADLINE = ("k1-reward", "k1-loss", "k3-reward", "k3-loss", "k1-both", "k3-both", "k2-loss", "k3-loss+tokIS")
 LEGEND = """rev = grad KL(pi||pi_ref) (the objective's gradient); fwd = grad KL(pi_ref||pi) (sequence level);
-Fctx = sum_s P(s) grad KL(pi_ref(.|s)||pi(.|s)) (per-context forward KL); Rtok = sum_s P(s) grad KL(pi(.|s)||pi_ref(.|s))
-(token-level partial reverse KL); @old: over pi_old's contexts instead of pi's. var = tr Cov of the gradient estimator:
-'1' a single sample without baseline, 'G' one group with the baseline. beta = 1, task reward 0."""
+Fctx = sum_s P(s) grad KL(pi_ref(.|s)||pi(.|s)) (per-context forward KL);
+Rtok = sum_s P(s) grad KL(pi(.|s)||pi_ref(.|s)) (token-level partial reverse KL); @old: over pi_old's contexts.
+var = tr Cov of the gradient estimator: '1' one sample without baseline, 'G' one group with the baseline.
+beta = 1, task reward 0."""
 
 
 def _num(x, width: int, digits: int = 3) -> str:
@@ -33,8 +34,12 @@ def regime_table(title: str, result: dict, regime: str, G: int) -> str:
     for o in others:
         head += f" | {o + ': |bias|/|rev|':<24}"
         sub += f" | {'':<24}"
-    lines = [title, f"  KL(pi||pi_ref) = {reg['kl_pi_ref']:.4f}" + (
-        f", KL(pi_old||pi) = {reg['kl_old_pi']:.4f}" if regime == "off_policy" else ""), head, sub]
+    kls = []
+    for p in params:
+        r = result["policies"][p][regime]
+        kls.append(f"{p} ({result['policies'][p]['n_params']} params): KL(pi||pi_ref) = {r['kl_pi_ref']:.4f}"
+                   + (f", KL(pi_old||pi) = {r['kl_old_pi']:.4f}" if regime == "off_policy" else ""))
+    lines = [title, *("  " + k for k in kls), head, sub]
     for name, row in reg["configs"].items():
         line = (f"{name:<20} {row['verdict']:<30} {_num(row['vs_rev']['rel_err'], 7)} {row['vs_rev']['cos']:6.3f} "
                 f"{row['vs_fwd']['cos']:6.3f} {_num(row['var_single'], 8)} {_num(row['var_group'], 8)}")
@@ -61,9 +66,11 @@ def sweep_table(sweep: dict) -> str:
 
 def mc_table(res: dict) -> str:
     lines = [
-        f"Monte-Carlo audit: {res['n_batches']} batches (paired) + {res['n_pilot']} pilot batches of {res['reference']}; "
-        f"Hotelling T^2 on a {res['k']}-dim projection, Bonferroni alpha = {res['alpha']}/{res['bonferroni_m']}",
-        f"  |E g_ref| (pilot) = {res['pilot_norm']:.4g}; E g_ref . u = {res['ref_proj_u']:.4g} +- {res['ref_proj_u_ci']:.2g}",
+        f"Monte-Carlo audit: {res['n_batches']} batches (paired) + {res['n_pilot']} pilot batches of "
+        f"{res['reference']}; Hotelling T^2 on a {res['k']}-dim projection, Bonferroni alpha = "
+        f"{res['alpha']}/{res['bonferroni_m']}",
+        f"  |E g_ref| (pilot) = {res['pilot_norm']:.4g}; "
+        f"E g_ref . u = {res['ref_proj_u']:.4g} +- {res['ref_proj_u_ci']:.2g}",
         f"{'config':<20} {'scale along u':>16} {'T^2':>9} {'p':>9}  verdict",
     ]
     for name, row in res["configs"].items():
@@ -71,7 +78,8 @@ def mc_table(res: dict) -> str:
         if name == res["reference"]:
             lines.append(f"{name:<20} {scale:>16} {'':>9} {'':>9}  reference")
             continue
-        verdict = "differs from the reference" if row["differs"] else "consistent with the reference"
+        verdict = ("differs from the reference" if row["differs"] else
+                   "same as the reference on every batch" if row.get("identical") else "consistent with the reference")
         lines.append(f"{name:<20} {scale:>16} {row['t2']:9.2f} {_num(row['p'], 9)}  {verdict}")
     return "\n".join(lines)
 

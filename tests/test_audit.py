@@ -1,0 +1,227 @@
+"""`klrl audit`: its verdicts against theory (paper.md §1.3-1.4), its exact variance against brute force, the
+off-policy table, the Monte-Carlo estimator against the exact answer, and the command line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from klrl.audit import exact as ex
+from klrl.audit.configs import all_configs, select
+from klrl.audit.mc import EnumerableSampler, f_sf, hotelling, mc_audit
+from klrl.audit.policies import tabular_triple, transformer_triple
+from klrl.audit.run import audit_regime
+from klrl.cli import main as cli_main
+from klrl.losses import PGSpec, policy_loss
+from klrl.toy import exact_targets, expected_gradient, groups
+
+from conftest import run_klrl
+
+UNBIASED = {"rev": 1.0}
+# On-policy decompositions into exact targets; None = no combination of <= 3 targets fits.
+ON_POLICY = {
+    "k1-reward": UNBIASED, "k1-reward+togo": UNBIASED, "k1-reward+seqIS": UNBIASED,
+    "k1-loss": {},  # zero in expectation
+    "k1-loss+tokIS": {"Rtok": 1.0},
+    "k1-both": UNBIASED, "k1-both+togo": UNBIASED, "k1-both+seqIS": UNBIASED,
+    "k1-both+tokIS": {"rev": 1.0, "Rtok": 1.0},
+    "k2-reward": None,
+    "k2-loss": {"Rtok": 1.0},  # the token-level partial gradient
+    "k3-reward": {"rev": 1.0, "Fctx": -1.0}, "k3-reward+togo": {"rev": 1.0, "Fctx": -1.0},
+    "k3-loss": {"Fctx": 1.0},  # per-context forward KL
+    "k3-loss+tokIS": {"Rtok": 1.0},  # DeepSeek-V3.2's rho * k3: the k2 gradient on-policy
+    "k3-both": UNBIASED, "k3-both+togo": UNBIASED, "k3-both+seqIS": UNBIASED,
+    "k3-both+tokIS": {"rev": 1.0, "Fctx": -1.0, "Rtok": 1.0},
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny ops (see klrl.audit.cli.main)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tab():
+    tr = tabular_triple(3, 3, 0.5, 0.5, seed=0)
+    configs = all_configs()
+    return tr, audit_regime(tr, configs, 2, "rloo", False), audit_regime(tr, configs, 2, "rloo", True)
+
+
+def test_on_policy_verdicts_match_theory(tab):
+    _, on, _ = tab
+    for name, parts in ON_POLICY.items():
+        assert on["configs"][name]["decomposition"] == parts, name
+    rows = on["configs"]
+    assert rows["k1-reward"]["verdict"] == "unbiased" and rows["k1-reward"]["vs_rev"]["rel_err"] < 1e-12
+    assert rows["k1-loss"]["verdict"] == "zero in expectation"
+    # k3-loss follows forward KL context by context, which is not the sequence-level forward-KL gradient.
+    assert rows["k3-loss"]["vs_fwd"]["rel_err"] > 0.01 and rows["k3-loss"]["verdict"] == "biased: Fctx"
+    assert {n for n, r in rows.items() if r["unbiased"]} == {n for n, p in ON_POLICY.items() if p == UNBIASED}
+    assert max(r["mean_check"] for r in rows.values()) < 1e-12  # variance route == toy.expected_gradient
+
+
+def test_off_policy_only_sequence_weighted_k1_reward_is_unbiased(tab):
+    tr, _, off = tab
+    rows = off["configs"]
+    assert {n for n, r in rows.items() if r["unbiased"]} == {"k1-reward+seqIS"}
+    for name in ("k1-reward", "k1-reward+togo", "k1-loss", "k1-both", "k3-loss", "k3-both"):
+        assert rows[name]["vs_rev"]["rel_err"] > 0.05, name  # unweighted forms are biased
+    # Token weights give the token-level gradient over pi_old's contexts, not over pi's.
+    assert rows["k3-loss+tokIS"]["decomposition"] == {"Rtok@old": 1.0}
+    assert rows["k1-loss+tokIS"]["decomposition"] == {"Rtok@old": 1.0}
+    assert rows["k3-reward+seqIS"]["decomposition"] == {"rev": 1.0, "Fctx": -1.0}
+    t = ex.targets(tr.policy, tr.ref, tr.old)
+    assert ex.compare(t["Rtok@old"], t["Rtok"])["rel_err"] > 0.05
+
+
+def test_context_targets_agree_with_toy():
+    tr = tabular_triple(2, 3, 0.7, 0.0, seed=3)
+    mine, toy = ex.context_targets(tr.policy, tr.ref, tr.policy), exact_targets(tr.policy, tr.ref)
+    assert torch.allclose(mine["Fctx"], toy["context_forward"], atol=1e-14)
+    assert torch.allclose(mine["Rtok"], toy["token_reverse"], atol=1e-14)
+
+
+@pytest.mark.parametrize("baseline", ["rloo", "grpo", "none"])
+@pytest.mark.parametrize("name", ["k1-reward", "k3-loss", "k1-both+togo+tokIS", "k3-reward+seqIS"])
+def test_exact_variance_matches_per_group_autograd(name, baseline):
+    """E||g||^2 - ||E g||^2 from the c/J route == one autograd pass per group, off-policy to exercise every weight."""
+    tr = tabular_triple(2, 2, 0.6, 0.4, seed=1)
+    spec, G = select([name])[0].spec, 2
+    pg = PGSpec(baseline=baseline)
+    en = ex.enumerate_groups(tr.policy, tr.ref, G, tr.old)
+    mean, var = ex.moments(en, ex.loss_coefficients(en, spec, pg))
+    seqs = tr.policy.all_sequences()
+    grads, weights = [], []
+    for idx in groups(len(seqs), G):
+        batch = seqs[idx]
+        with torch.no_grad():
+            old, ref = tr.old.log_probs(batch), tr.ref.log_probs(batch)
+        logp = tr.policy.log_probs(batch)
+        loss = policy_loss(logp, old, ref, torch.ones_like(logp), torch.zeros(G, dtype=logp.dtype), G, pg, spec).loss
+        grads.append(torch.autograd.grad(loss, tr.policy.theta)[0].reshape(-1))
+        weights.append(old.sum().exp())
+    g, w = torch.stack(grads), torch.stack(weights)
+    brute_mean = (w[:, None] * g).sum(0)
+    assert torch.allclose(mean, brute_mean, atol=1e-13)
+    assert torch.allclose(mean, expected_gradient(tr.policy, tr.ref, spec, pg, G, behaviour=tr.old), atol=1e-13)
+    assert var == pytest.approx(float((w * (g**2).sum(-1)).sum() - brute_mean @ brute_mean), rel=1e-10, abs=1e-14)
+
+
+def test_dr_grpo_shrinks_the_seqsum_reward_by_one_minus_one_over_g():
+    tr = tabular_triple(3, 2, 0.5, 0.5)
+    rows = audit_regime(tr, select(["k1-reward", "k1-reward+togo"]), 3, "dr_grpo", False)["configs"]
+    assert rows["k1-reward"]["decomposition"] == {"rev": pytest.approx(2 / 3, abs=1e-5)}
+    assert rows["k1-reward+togo"]["unbiased"]  # the to-go penalty is applied after the baseline
+
+
+def test_transformer_adapter_gives_the_same_verdicts():
+    names = ["k1-reward", "k1-loss", "k2-loss", "k3-reward", "k3-loss", "k3-both", "k3-loss+tokIS"]
+    tr = transformer_triple(2, 3, 0.5, 0.5)
+    assert tr.policy.theta.numel() > 100  # really the transformer's weights
+    rows = audit_regime(tr, select(names), 2, "rloo", False)["configs"]
+    for n in names:
+        assert rows[n]["decomposition"] == ON_POLICY[n], n
+        assert rows[n]["mean_check"] < 1e-10, n
+
+
+def test_f_tail_matches_known_forms():
+    for f in (0.1, 1.0, 3.0):
+        assert f_sf(f, 2, 10) == pytest.approx((1 + 2 * f / 10) ** -5, rel=1e-12)  # F(2, d2) tail
+        assert f_sf(f, 4, 10**7) == pytest.approx(torch.exp(torch.tensor(-2 * f)).item() * (1 + 2 * f), rel=1e-4)
+
+
+def test_hotelling_calibration():
+    """Under H0 about 5% of tests reject at 0.05."""
+    gen = torch.Generator().manual_seed(0)
+    ps = [hotelling(torch.randn(60, 4, generator=gen, dtype=torch.float64) @ torch.tensor(
+        [[1.0, 0.5, 0, 0], [0, 1, 0, 0], [0, 0, 2, 0], [0, 0, 0, 0.1]], dtype=torch.float64))[1] for _ in range(400)]
+    assert 0.02 < sum(p < 0.05 for p in ps) / len(ps) < 0.09
+
+
+@pytest.mark.parametrize("off_policy", [False, True])
+def test_monte_carlo_agrees_with_exact_on_the_tabular_policy(off_policy):
+    tr = tabular_triple(3, 2, 0.6, 0.5, seed=2)
+    names = ["k1-reward", "k1-loss", "k3-loss", "k3-reward", "k1-reward+seqIS", "k3-loss+tokIS"]
+    specs = {c.name: c.spec for c in select(names)}
+    pg, G = PGSpec(), 2
+    behaviour = tr.old if off_policy else None
+    sampler = EnumerableSampler(tr.policy, tr.ref, G, behaviour, seed=5)
+    res = mc_audit(sampler, specs, pg, n_batches=400, n_pilot=200, seed=1)
+    basis, z = res["basis"], res["z"]
+    exact = {n: expected_gradient(tr.policy, tr.ref, s, pg, G, behaviour=behaviour).detach() for n, s in specs.items()}
+    for n in names:
+        _, p = hotelling(z[n], basis.T @ exact[n])
+        assert p > 1e-3, (n, p)  # the MC mean is consistent with the exact mean
+    u = basis[:, 0]
+    for n in names:
+        truth = float(u @ exact[n] / (u @ exact["k1-reward"]))
+        row = res["configs"][n]
+        assert abs(row["scale"] - truth) < 2.5 * row["scale_ci"] + 1e-9, (n, row, truth)
+    if not off_policy:  # and the test has power where the bias is large
+        assert res["configs"]["k1-loss"]["differs"] and res["configs"]["k3-reward"]["differs"]
+        assert res["configs"]["k1-reward+seqIS"]["identical"]
+
+
+def test_cli_writes_json_and_png(tmp_path):
+    out, png = tmp_path / "audit.json", tmp_path / "audit.png"
+    proc = run_klrl("audit", "--vocab", "2", "--length", "2", "--sweep-lengths", "1-3", "--sweep-seeds", "1",
+                    "--policy", "tabular", "--json", str(out), "--plot", str(png), cwd=tmp_path, check=True)
+    assert "On-policy" in proc.stdout and "Off-policy" in proc.stdout
+    data = json.loads(out.read_text())
+    assert data["schema"] == "klrl.audit/1" and data["mode"] == "exact"
+    rows = data["policies"]["tabular"]["on_policy"]["configs"]
+    assert len(rows) == 33 and rows["k1-reward"]["verdict"] == "unbiased"
+    assert data["length_sweep"]["lengths"] == [1, 2, 3]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("args", [
+    ["--vocab", "10", "--length", "10"],
+    ["--vocab", "3", "--length", "3", "--group-size", "5"],
+    ["--config", "k4-loss"],
+    ["--baseline", "ppo"],
+    ["--vocab", "two"],
+    ["--sweep-lengths", "1-40"],
+    ["model=tiny"],
+    ["--mc", "model=nosuchmodel"],
+    ["--mc", "beta=-1"],
+])
+def test_bad_input_is_one_line_and_exit_2(capsys, args):
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["audit", *args])
+    assert exc.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("klrl: "), lines
+
+
+def test_bad_input_through_the_real_command(tmp_path):
+    proc = run_klrl("audit", "--vocab", "4", "--length", "5", "--group-size", "3", cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "the limit is 262144" in proc.stderr
+
+
+@pytest.mark.slow
+def test_default_invocation(tmp_path):
+    out = tmp_path / "a.json"
+    proc = run_klrl("audit", "--json", str(out), "--plot", str(tmp_path / "a.png"), cwd=tmp_path, check=True)
+    data = json.loads(out.read_text())
+    assert set(data["policies"]) == {"tabular", "transformer"}, proc.stdout
+    for kind in data["policies"].values():
+        assert kind["on_policy"]["configs"]["k3-loss"]["verdict"] == "biased: Fctx"
+
+
+@pytest.mark.slow
+def test_mc_on_the_tiny_model(tmp_path):
+    out = tmp_path / "mc.json"
+    # A 40-step warm start sits near its random init, so it needs more weight noise for a KL of ~0.2 nats.
+    run_klrl("audit", "--mc", "--batches", "60", "--pilot", "30", "--noise", "0.4",
+             "--config", "k1-loss,k3-reward,k3-both", "--json", str(out), "model.warmstart.steps=40",
+             cwd=tmp_path, check=True, timeout=600)
+    data = json.loads(out.read_text())
+    assert data["mode"] == "mc" and set(data["configs"]) == {"k1-reward", "k1-loss", "k3-reward", "k3-both"}
+    assert data["configs"]["k1-loss"]["differs"] and not data["configs"]["k3-both"]["differs"]
