@@ -47,6 +47,7 @@ class TinyModelConfig(ModelConfig):
     num_heads: int = 4
     intermediate_size: int = 256
     max_positions: int = 64
+    cpu_threads: Optional[int] = 1  # a model this small runs fastest on one thread; spare cores serve parallel runs
     warmstart: WarmStartConfig = field(default_factory=WarmStartConfig)
 
 

@@ -212,6 +212,8 @@ def train(cfg: DictConfig, run_dir: Path) -> str:
             return prev["status"]
 
     device = local_device(cfg.device)
+    if device.type == "cpu" and cfg.model.get("cpu_threads"):
+        torch.set_num_threads(cfg.model.cpu_threads)
     dist = setup(device)
     if cfg.algo.prompts_per_step % dist.world:
         raise ConfigError(f"algo.prompts_per_step={cfg.algo.prompts_per_step} must be divisible by the {dist.world} ranks")
