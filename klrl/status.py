@@ -180,19 +180,38 @@ def scheduler_states(records: dict[str, dict]) -> tuple[dict[str, str], bool]:
 
 
 # ------------------------------------------------------------------------------------------------ deriving
-def log_hint(record: dict | None) -> str:
-    """The last telling line of a job's stderr: a `klrl:` error line if there is one."""
+def job_error(record: dict | None) -> str:
+    """Why a run's job failed, from its submitit files: the error a sweep job returned (the Hydra app raises in
+    a sweep; Hydra turns that into a failed JobReturn and the job itself ends COMPLETED), the last line of a
+    traceback submitit caught, or the last `klrl:` line of the job's stderr."""
     if not record or not record.get("folder") or not record.get("job_id"):
         return ""
-    folder = Path(record["folder"].replace("%j", record["job_id"]))
-    err = folder / f"{record['job_id']}_0_log.err"
+    job_id = record["job_id"]
+    folder = Path(record["folder"].replace("%j", job_id))
+    result = folder / f"{job_id}_0_result.pkl"
+    if result.exists():
+        try:
+            import pickle
+
+            from hydra.core.utils import JobStatus
+
+            with result.open("rb") as f:
+                outcome, value = pickle.load(f)
+            if outcome == "error":
+                lines = [ln for ln in str(value).strip().splitlines() if ln.strip()]
+                return lines[-1].strip()[:300] if lines else "error"
+            if getattr(value, "status", None) == JobStatus.FAILED:
+                err = getattr(value, "_return_value", None)
+                return f"{err}"[:300] if isinstance(err, BaseException) else "failed"
+        except Exception:  # unreadable or from another version: fall back on the log
+            pass
+    err = folder / f"{job_id}_0_log.err"
     try:
         lines = [ln.strip() for ln in err.read_text(errors="replace").splitlines() if ln.strip()]
     except OSError:
         return ""
     klrl_lines = [ln for ln in lines if ln.startswith("klrl:")]
-    last = (klrl_lines or lines or [""])[-1]
-    return f"{last[:200]} ({err})" if last else str(err)
+    return f"{klrl_lines[-1][:300]} ({err})" if klrl_lines else f"see {err}"
 
 
 def derive(summary: dict | None, sched: str | None, record: dict | None) -> tuple[str, str]:
@@ -210,9 +229,8 @@ def derive(summary: dict | None, sched: str | None, record: dict | None) -> tupl
         if st == "running":
             return "running", "no scheduler record" if record and record.get("job_id") else ""
         return "unknown", "no run directory and no scheduler record"
-    hint = log_hint(record)
-    what = "the run" if summary else "the run started"
-    return "failed", f"job ended ({sched}) before {what} finished" + (f": {hint}" if hint else "")
+    why = job_error(record)
+    return "failed", f"job ended ({sched}) without finishing the run" + (f": {why}" if why else "")
 
 
 def collect(sweep_dir: Path, sched: dict[str, str] | None = None, only: list[str] | None = None) -> list[RunState]:
@@ -303,7 +321,7 @@ def resolve_sweep_dir(arg: str) -> Path:
     named = Path.cwd() / SWEEP_ROOT / arg
     if "/" not in arg and named.is_dir():
         return named
-    raise FileNotFoundError(f"{arg} is not a sweep directory (nor outputs/sweeps/{arg})")
+    raise FileNotFoundError(f"{arg} is not a sweep directory" + ("" if "/" in arg else f" (nor {SWEEP_ROOT / arg})"))
 
 
 def main(args: list[str]) -> None:
@@ -312,8 +330,9 @@ def main(args: list[str]) -> None:
     as_json = "--json" in args
     rest = [a for a in args if a != "--json"]
     if not rest or rest[0] in ("-h", "--help") or len(rest) > 1:
-        print(USAGE, end="")
-        if not rest or len(rest) > 1:
+        bad = not rest or len(rest) > 1
+        print(USAGE, end="", file=sys.stderr if bad else sys.stdout)
+        if bad:
             sys.exit(2)
         return
     try:

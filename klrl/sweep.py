@@ -32,7 +32,6 @@ from klrl.config import ConfigError
 REPO = Path(__file__).resolve().parent.parent
 SWEEPS_DIR = REPO / "sweeps"
 SWEEP_ROOT = Path("outputs") / "sweeps"
-SUBMISSIONS = "submissions.jsonl"  # in the sweep dir: one JSON line per submission (job ids, runs)
 GRID_KEYS = ("description", "launcher", "overrides", "grid")
 # Characters Hydra's override grammar accepts in an unquoted value (a subset: anything else gets quoted).
 _SAFE_VALUE = re.compile(r"^[\w\-./+:@%*?|]+$")
@@ -265,8 +264,9 @@ def main(args: list[str]) -> None:
     try:
         name, flags, overrides = parse_args(args)
         if flags["help"] or name is None:
-            print(USAGE.format(grids=", ".join(available())), end="")
-            if name is None and not flags["help"]:
+            bad = name is None and not flags["help"]
+            print(USAGE.format(grids=", ".join(available())), end="", file=sys.stderr if bad else sys.stdout)
+            if bad:
                 sys.exit(2)
             return
         grid = load_grid(name)

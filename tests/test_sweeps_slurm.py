@@ -1,0 +1,189 @@
+"""Sweeps on a real single-node SLURM cluster (klrl.testing.slurm_cluster): one job array per sweep, every run's
+status reported, finished runs skipped on resubmission, a preempted run requeued and resumed exactly.
+
+The cluster fixture raises when the cluster cannot start, so these tests error (they never skip) without one.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from klrl.rundir import METRICS, SUMMARY, read_json, read_metrics
+from klrl.status import collect
+from klrl.testing.slurm_cluster import slurm_cluster  # noqa: F401
+
+from conftest import FAST, run_klrl
+from test_train_e2e import stable
+
+pytestmark = pytest.mark.slow
+
+
+def launcher(cluster) -> list[str]:
+    return ["hydra/launcher=slurm", f"hydra.launcher.partition={cluster.partition}", "hydra.launcher.cpus_per_task=1",
+            "hydra.launcher.timeout_min=20"]
+
+
+def submissions(sweep: Path) -> list[dict]:
+    path = sweep / "submissions.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def sacct(array: str) -> dict[str, str]:
+    """Task id -> state, once the accounting database has heard of every end (it hears asynchronously)."""
+    deadline = time.monotonic() + 30
+    while True:
+        out = subprocess.run(["sacct", "-n", "-X", "-P", "-j", array, "-o", "JobID,State"],
+                             capture_output=True, text=True, check=True).stdout
+        rows = dict(line.split("|") for line in out.split())
+        if all(s not in ("PENDING", "RUNNING", "COMPLETING") for s in rows.values()) or time.monotonic() > deadline:
+            return rows
+        time.sleep(0.5)
+
+
+def run_dirs(sweep: Path) -> list[Path]:
+    return sorted(p.parent.parent for p in sweep.glob("*/.hydra/overrides.yaml"))
+
+
+def test_train_multirun_submits_one_array(slurm_cluster, tmp_path):  # noqa: F811
+    sweep = tmp_path / "multirun"
+    t0 = time.monotonic()
+    proc = run_klrl("train", "-m", "estimator=k1,k3", "placement=reward,loss", *launcher(slurm_cluster),
+                    f"hydra.sweep.dir={sweep}", *FAST, "steps=1", cwd=tmp_path, timeout=900)
+    print(f"4-run array: {time.monotonic() - t0:.1f} s")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    [sub] = submissions(sweep)
+    ids = [r["job_id"] for r in sub["runs"]]
+    array = ids[0].split("_")[0]
+    assert sorted(ids) == [f"{array}_{i}" for i in range(4)]  # one array, one task per grid point
+    assert sacct(array) == {i: "COMPLETED" for i in ids}
+    assert len(run_dirs(sweep)) == 4
+    assert all(read_json(r / SUMMARY)["status"] == "completed" for r in run_dirs(sweep))
+    assert "4 runs: 4 completed" in proc.stdout
+
+
+def test_tiny_grid_runs_as_one_array_and_resubmission_skips_it(slurm_cluster, tmp_path):  # noqa: F811
+    sweep = tmp_path / "tiny"
+    args = ["sweep", "tiny", *launcher(slurm_cluster), f"hydra.sweep.dir={sweep}", *FAST, "steps=2"]
+    t0 = time.monotonic()
+    proc = run_klrl(*args, cwd=tmp_path, timeout=1200)
+    print(f"tiny grid, 10-task array: {time.monotonic() - t0:.1f} s")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    [sub] = submissions(sweep)
+    ids = [r["job_id"] for r in sub["runs"]]
+    array = ids[0].split("_")[0]
+    assert len(ids) == 10 and sorted(ids, key=lambda i: int(i.split("_")[1])) == [f"{array}_{i}" for i in range(10)]
+    assert sacct(array) == {i: "COMPLETED" for i in ids}
+    runs = run_dirs(sweep)
+    assert len(runs) == 10 and {re.search(r"estimator=(\w+)", r.name).group(1) for r in runs} == {"k1", "k3", "none"}
+    assert all(read_json(r / SUMMARY)["status"] == "completed" for r in runs)
+    assert "10 runs: 10 completed" in proc.stdout
+
+    status = run_klrl("status", str(sweep), cwd=tmp_path, check=True).stdout
+    assert "10 runs: 10 completed" in status and f"{array}_9" in status
+
+    before = {r: (r / METRICS).read_bytes() for r in runs}
+    t0 = time.monotonic()
+    again = run_klrl(*args, cwd=tmp_path, timeout=600)
+    print(f"resubmission of a finished grid: {time.monotonic() - t0:.1f} s")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "10 of 10 runs already finished" in again.stdout and "nothing to submit" in again.stdout
+    assert {r: (r / METRICS).read_bytes() for r in runs} == before  # nothing retrained
+    assert len(submissions(sweep)) == 1  # nothing submitted
+
+
+def test_a_failing_run_is_reported_with_the_others_and_resubmitted_alone(slurm_cluster, tmp_path):  # noqa: F811
+    grid = tmp_path / "with_failure.yaml"
+    # Passes every check before submission; fails in the job: the warm-start cache cannot be created under a file.
+    grid.write_text("grid:\n"
+                    "  - {estimator: [k1, k3], placement: loss}\n"
+                    "  - {estimator: k1, placement: reward, seed: 9, cache_dir: /dev/null/cache}\n")
+    sweep = tmp_path / "fail"
+    args = ["sweep", str(grid), *launcher(slurm_cluster), f"hydra.sweep.dir={sweep}", *FAST, "steps=2"]
+    t0 = time.monotonic()
+    proc = run_klrl(*args, cwd=tmp_path, timeout=900)
+    print(f"3-run array with a failure: {time.monotonic() - t0:.1f} s")
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-3000:]
+    table = proc.stdout[proc.stdout.rindex("RUN "):]
+    rows = {line.split("  ")[0].strip(): line for line in table.splitlines()[1:4]}
+    assert set(rows) == {"estimator=k1 placement=loss", "estimator=k3 placement=loss",
+                         "estimator=k1 placement=reward seed=9 cache_dir=/dev/null/cache"}
+    bad = rows["estimator=k1 placement=reward seed=9 cache_dir=/dev/null/cache"]
+    assert " failed " in bad and "NotADirectoryError" in bad
+    assert all(" completed " in r for k, r in rows.items() if "seed=9" not in k)
+    assert "3 runs: 2 completed, 1 failed" in proc.stdout
+    assert "klrl: 1 of 3 runs did not finish" in proc.stderr
+
+    good = [r for r in run_dirs(sweep) if "seed=9" not in r.name]
+    before = {r: (r / METRICS).read_bytes() for r in good}
+    again = run_klrl(*args, cwd=tmp_path, timeout=900)
+    assert again.returncode == 1
+    assert "2 of 3 runs already finished" in again.stdout and "submitted 1 runs" in again.stdout
+    assert len(submissions(sweep)[-1]["runs"]) == 1 and "seed=9" in submissions(sweep)[-1]["runs"][0]["run"]
+    assert {r: (r / METRICS).read_bytes() for r in good} == before
+
+
+def _wait_for(predicate, timeout: float, what: str, poll: float = 0.2):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def _summary(run: Path) -> dict:
+    try:
+        return read_json(run / SUMMARY)
+    except (OSError, ValueError):
+        return {}
+
+
+def test_no_wait_status_and_requeue_resume_exactly(slurm_cluster, tmp_path):  # noqa: F811
+    # Submitted without resume=true (klrl train -m): only the launcher's requeue can add it.
+    common = ["train", "-m", "estimator=k3", "placement=loss", "seed=3", *FAST, "steps=80", "ckpt_every=2",
+              *launcher(slurm_cluster), "hydra.launcher.wait=false"]
+    sweep, ref_sweep = tmp_path / "requeue", tmp_path / "reference"
+    t0 = time.monotonic()
+    proc = run_klrl(*common, f"hydra.sweep.dir={sweep}", cwd=tmp_path, timeout=300)
+    submit_s = time.monotonic() - t0
+    print(f"non-blocking submission returned in {submit_s:.1f} s")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [sub] = submissions(sweep)
+    job_id = sub["runs"][0]["job_id"]
+    assert f"sweep dir: {sweep}" in proc.stdout and job_id in proc.stdout
+    ref = run_klrl(*common, f"hydra.sweep.dir={ref_sweep}", cwd=tmp_path, timeout=300)  # the same run, uninterrupted
+    assert ref.returncode == 0, ref.stderr[-3000:]
+
+    early = json.loads(run_klrl("status", str(sweep), "--json", cwd=tmp_path, check=True).stdout)["runs"]
+    assert len(early) == 1 and early[0]["job_id"] == job_id and early[0]["status"] in ("pending", "running")
+
+    run = sweep / sub["runs"][0]["run"]
+    step = _wait_for(lambda: (_summary(run).get("step") or 0) >= 6 and _summary(run)["step"], 600,
+                     "the run to pass step 6 (checkpoints every 2)")
+    assert step < 80, "the run finished before it could be preempted; make it longer"
+    subprocess.run(["scancel", "--signal=USR2", job_id], check=True)  # what Slurm sends before a preemption/time limit
+
+    # Requeued, the job waits (cred_expire, ~10 s here) before it runs again: status says so meanwhile.
+    seen = _wait_for(lambda: [r for r in collect(sweep) if r.status == "pending"], 120, "the requeued job to wait")
+    assert seen[0].detail == "requeued" and seen[0].job_id == job_id
+    _wait_for(lambda: _summary(run).get("status") in ("completed", "failed", "diverged"), 600, "the requeued run", 1)
+    final = json.loads(run_klrl("status", str(sweep), "--json", cwd=tmp_path, check=True).stdout)["runs"][0]
+    assert final["status"] == "completed" and final["step"] == 80 and final["job_id"] == job_id
+    info = subprocess.run(["scontrol", "-o", "show", "job", job_id], capture_output=True, text=True, check=True).stdout
+    assert re.search(r"\bRestarts=1\b", info), info
+    log = (run / "train.log").read_text()
+    resumed = re.findall(r"resumed from step (\d+)", log)
+    assert resumed and int(resumed[0]) >= 4, log[-2000:]  # from a checkpoint, not from scratch
+    assert "resume=true" in (run / ".hydra" / "overrides.yaml").read_text().lower()
+
+    [ref_run] = run_dirs(ref_sweep)
+    _wait_for(lambda: _summary(ref_run).get("status") == "completed", 600, "the reference run")
+    assert stable(read_metrics(run)) == stable(read_metrics(ref_run))  # the resumed run replays exactly
+    print(f"requeue: interrupted at checkpoint step {step}, resumed from step {resumed[0]}")
