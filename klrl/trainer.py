@@ -12,6 +12,8 @@ import copy
 import logging
 import math
 import random
+import signal
+import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -200,13 +202,16 @@ class NullLog:
 
 
 def train(cfg: DictConfig, run_dir: Path) -> str:
-    """Train one configuration in run_dir. Returns the final status: completed or diverged."""
+    """Train one configuration in run_dir. Returns the status: completed, diverged, or interrupted (SIGUSR2)."""
     validate(cfg)
     run_dir = Path(run_dir)
     check_run_dir(cfg, run_dir)
     summary_path = run_dir / SUMMARY
     if cfg.resume and summary_path.exists():
         prev = read_json(summary_path)
+        diff = config_diff(prev.get("config", {}), comparable(cfg)) if "config" in prev else []
+        if diff:
+            raise ConfigError(f"resume: config differs from the finished run's ({'; '.join(diff)})")
         if prev.get("status") in ("completed", "diverged") and prev.get("steps") == cfg.steps:
             log.info("%s: already %s at step %s, nothing to do", run_dir, prev["status"], prev.get("step"))
             return prev["status"]
@@ -248,7 +253,7 @@ def train(cfg: DictConfig, run_dir: Path) -> str:
     kl, pg = kl_spec(cfg), pg_spec(cfg)
     splits = task.eval_splits()
     metrics = MetricsLog(run_dir, start, cfg.steps, cfg.tensorboard, cfg.progress) if dist.main else NullLog()
-    summary = {"status": "running", "step": start, "steps": cfg.steps, "run_dir": str(run_dir)}
+    summary = {"status": "running", "step": start, "steps": cfg.steps, "run_dir": str(run_dir), "config": comparable(cfg)}
 
     def write_summary() -> None:
         if dist.main:
@@ -285,6 +290,13 @@ def train(cfg: DictConfig, run_dir: Path) -> str:
         batch.staleness = staleness
         return batch
 
+    # SIGUSR2 is SLURM's "you are about to be preempted / time out" (submitit requeues on it). Finish the step,
+    # checkpoint, then hand over to whoever handled the signal before (submitit: requeue with resume=true).
+    signalled: list = []
+    prev_handler = None
+    if threading.current_thread() is threading.main_thread():
+        prev_handler = signal.signal(signal.SIGUSR2, lambda signum, frame: signalled.append((signum, frame)))
+
     write_summary()
     try:
         last_eval = run_eval(0) if start == 0 and cfg.eval.at_start else {}
@@ -310,10 +322,21 @@ def train(cfg: DictConfig, run_dir: Path) -> str:
                 save(done)
             summary["step"] = done
             write_summary()
+            if signalled and done < cfg.steps:
+                if done % cfg.ckpt_every:
+                    save(done)
+                log.warning("SIGUSR2 at step %d: checkpointed, handing over for requeue", done)
+                handler, prev_handler = prev_handler, None
+                signal.signal(signal.SIGUSR2, handler)
+                if callable(handler):
+                    handler(*signalled[0])
+                return "interrupted"
         summary.update(status="completed", step=cfg.steps, final_eval=last_eval)
         write_summary()
         return "completed"
     finally:
+        if prev_handler is not None:
+            signal.signal(signal.SIGUSR2, prev_handler)
         if pipeline is not None:
             pipeline.close()
         metrics.close()

@@ -31,3 +31,8 @@ def test_offline_paper_run_fails_before_building_anything(tmp_path, monkeypatch)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
     assert "EleutherAI/hendrycks_math" in proc.stderr and "download" in proc.stderr
     assert not (tmp_path / "outputs").exists()
+
+
+def test_no_kl_baseline_inside_an_experiment():
+    cfg = compose_cfg("experiment=comedy_onpolicy", "estimator=none")
+    assert cfg.beta == 0 and cfg.placement.name == "none" and cfg.model.name == "qwen2.5-7b"

@@ -207,3 +207,30 @@ def test_device_cuda_without_cuda_is_refused_up_front(tmp_path):
     proc = run_klrl("train", "device=cuda", cwd=tmp_path)
     assert proc.returncode == 2 and "device=cuda but no CUDA device" in proc.stderr
     assert not (tmp_path / "outputs").exists()
+
+
+def test_sigusr2_checkpoints_at_the_step_boundary_and_resumes_exactly(tmp_path):
+    args = [*FAST, "steps=30", "ckpt_every=1000", "estimator=k3", "placement=loss"]
+    run_klrl("train", *args, f"hydra.run.dir={tmp_path / 'full'}", cwd=tmp_path, check=True)
+    run = tmp_path / "preempted"
+    proc = subprocess.Popen([sys.executable, "-m", "klrl", "train", *args, f"hydra.run.dir={run}"], cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ))
+    deadline = time.time() + 120
+    while not [r for r in read_metrics(run) if r["kind"] == "train"]:
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGUSR2)
+    assert proc.wait(timeout=120) == 0
+    import torch
+
+    step = torch.load(run / CHECKPOINT, weights_only=False)["step"]
+    assert 1 <= step < 30  # a checkpoint at the step it stopped, though ckpt_every is 1000
+    assert read_json(run / SUMMARY)["status"] == "running" and read_json(run / SUMMARY)["step"] == step
+    run_klrl("train", *args, "resume=true", f"hydra.run.dir={run}", cwd=tmp_path, check=True)
+    assert stable(read_metrics(run)) == stable(read_metrics(tmp_path / "full"))
+
+
+def test_finished_run_with_a_changed_config_is_refused(tmp_path):
+    run_klrl("train", *FAST, "steps=1", f"hydra.run.dir={tmp_path}", cwd=tmp_path, check=True)
+    proc = run_klrl("train", *FAST, "steps=1", "beta=0.3", "resume=true", f"hydra.run.dir={tmp_path}", cwd=tmp_path)
+    assert proc.returncode == 2 and "beta: 0.1 -> 0.3" in proc.stderr
