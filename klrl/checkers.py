@@ -27,15 +27,15 @@ def exact_match(completion: str, answer: str) -> float:
 # Answer extraction and the checkers of the paper's tasks. Heavy libraries are imported on first use, so that
 # `klrl train` on the embedded arith task never needs them.
 
-BOXED = ("\\boxed", "\\fbox")
+_BOX_OPEN = re.compile(r"\\(?:boxed|fbox)\s*\{")
 
 
 def last_boxed(text: str) -> str | None:
     """Content of the last \\boxed{...} (or \\fbox{...}), braces balanced; None if there is none or it is unclosed."""
-    start = max(text.rfind(b + "{") for b in BOXED)
-    if start < 0:
+    opens = list(_BOX_OPEN.finditer(text))
+    if not opens:
         return None
-    i = text.index("{", start)
+    i = opens[-1].end() - 1
     depth = 0
     for j in range(i, len(text)):
         depth += {"{": 1, "}": -1}.get(text[j], 0)

@@ -39,6 +39,7 @@ def evaluate_run(run_dir: Path, n_samples: int | None = None, splits: list[str] 
     import torch
 
     from klrl.config import validate
+    from klrl.distributed import local_device
     from klrl.evaluate import evaluate
     from klrl.models import load_model
     from klrl.rundir import load_checkpoint, write_json
@@ -66,7 +67,7 @@ def evaluate_run(run_dir: Path, n_samples: int | None = None, splits: list[str] 
         raise ConfigError(f"--split {unknown[0]!r} is not valid; choose from: {', '.join(available)}")
     model, tokenizer = load_model(cfg.model, task, cfg.task, cfg.cache_dir)
     model.load_state_dict(ckpt["model"])
-    model.to("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu")
+    model.to(local_device(cfg.device))
     step = ckpt["step"]
     metrics = evaluate(model, tokenizer, task, {s: available[s] for s in chosen}, cfg,
                        seed=step_seed(cfg.seed, 10**9 + step))

@@ -4,10 +4,13 @@
   chat template a turn ends with <|im_end|>; without the override sampling runs on into invented turns until
   max_new_tokens, and the checker reads an answer from them.
 - `fsdp`: reserved for sharded training (not wired into the trainer yet, so `true` is refused rather than ignored).
+With the hub switched off (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE), `check` wants the checkpoint in the cache
+already and says how to put it there, instead of a long traceback once the run has started.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -15,6 +18,7 @@ from typing import Optional
 from omegaconf import DictConfig
 
 from klrl.config import ConfigError, HFModelConfig
+from klrl.tasks.hub import TRUE, hub_cache, in_hub_cache, is_local
 
 
 @dataclass
@@ -33,6 +37,12 @@ class PretrainedSource:
         HFSource.check(cfg)
         if cfg.fsdp:
             raise ConfigError("model.fsdp=true is not supported by the trainer yet; set model.fsdp=false")
+        hf_id = str(cfg.hf_id)
+        off = any(os.environ.get(k, "").lower() in TRUE for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+        if off and not is_local(hf_id) and not in_hub_cache(hf_id, "models"):
+            raise ConfigError(f"model.hf_id={hf_id!r} is not in the Hugging Face cache ({hub_cache()}) and the hub is off; "
+                              f"pre-download it with `hf download {hf_id}` (or `huggingface-cli download {hf_id}`), "
+                              "or give model.hf_id a local checkpoint directory")
 
     @staticmethod
     def load(cfg: DictConfig, task, task_cfg: DictConfig, cache_dir: Path):

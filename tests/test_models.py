@@ -39,6 +39,17 @@ def test_paper_model_configs(name, hf_id, eos):
     assert m.dtype == "bfloat16" and m.chat_template and m.gradient_checkpointing and not m.fsdp
 
 
+def test_offline_model_not_in_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    with pytest.raises(ConfigError) as e:
+        cfg_for("model=qwen3-4b-instruct-2507")
+    assert "\n" not in str(e.value) and "hf download Qwen/Qwen3-4B-Instruct-2507" in str(e.value)
+    (tmp_path / "hub" / "models--Qwen--Qwen3-4B-Instruct-2507" / "snapshots" / "abc").mkdir(parents=True)
+    cfg_for("model=qwen3-4b-instruct-2507")
+
+
 def test_fsdp_is_refused_until_wired():
     with pytest.raises(ConfigError, match="model.fsdp=true is not supported"):
         cfg_for("model=qwen2.5-7b", "model.fsdp=true")
@@ -124,10 +135,10 @@ def test_smollm2_conversion_load_generate(tmp_path):
 def test_smollm2_trains_on_countdown(tmp_path):
     run_dir = tmp_path / "run"
     cmd = [str(Path(sys.executable).parent / "klrl"), "train", "model=smollm2-135m", "task=countdown", "steps=2",
-           "algo.prompts_per_step=2", "algo.group_size=2", "task.max_new_tokens=32", "task.eval_size=2",
-           "eval.n_samples=1", "eval.greedy=false", "progress=false", "tensorboard=false",
+           "algo.prompts_per_step=2", "algo.group_size=2", "task.max_new_tokens=16", "task.eval_size=2",
+           "eval.n_samples=1", "eval.greedy=false", "eval.at_start=false", "progress=false", "tensorboard=false",
            f"cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={run_dir}"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["step"] == 2

@@ -3,6 +3,7 @@ completions, and the one-line errors for data that is missing or cannot be fetch
 
 import json
 import random
+import shutil
 import subprocess
 import sys
 import threading
@@ -74,6 +75,7 @@ def test_math_verify_works_off_the_main_thread():
 def test_last_boxed():
     assert last_boxed("a \\boxed{1} b \\boxed{\\frac{a}{b}} c") == "\\frac{a}{b}"
     assert last_boxed("\\fbox{7}") == "7"
+    assert last_boxed("so $\\boxed {12}$.") == "12"
     assert last_boxed("none") is None
     assert last_boxed("\\boxed{unclosed {x}") is None
 
@@ -216,6 +218,18 @@ def test_offline_with_a_cached_snapshot_passes_the_check(hub_off, tmp_path):
     for repo in ("EleutherAI/hendrycks_math", "HuggingFaceH4/MATH-500", "cais/mmlu"):
         (tmp_path / "hf" / "hub" / f"datasets--{repo.replace('/', '--')}" / "snapshots" / "abc123").mkdir(parents=True)
     cfg_for("task=math")
+
+
+def test_hub_id_loads_from_a_predownloaded_cache_offline(hub_off, tmp_path):
+    """What `hf download --repo-type dataset HuggingFaceH4/MATH-500` leaves in the cache, read with the hub off."""
+    repo = tmp_path / "hf" / "hub" / "datasets--HuggingFaceH4--MATH-500"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    shutil.copy(FIX / "MATH-500" / "test.jsonl", repo / "snapshots" / commit / "test.jsonl")
+    cfg = cfg_for("task=math", *MATH_FIX[:1], *MATH_FIX[2:])
+    assert [p.answer for p in TASKS["math"](cfg.task, seed=0).eval_splits()["id"]][:2] == ["11", "\\frac{3}{4}"]
 
 
 def test_online_check_defers_to_run_time(monkeypatch):

@@ -72,18 +72,19 @@ class CountdownTask(Task):
     def check(cls, cfg) -> None:
         if importlib.util.find_spec("reasoning_gym") is None:
             raise ConfigError("task=countdown needs reasoning-gym; install it with `pip install reasoning-gym`")
-        for lo, hi, what in ((cfg.min_numbers, cfg.max_numbers, "numbers"), (cfg.ood_min_numbers, cfg.ood_max_numbers, "ood numbers"),
-                             (cfg.min_value, cfg.max_value, "values"), (cfg.min_target, cfg.max_target, "targets")):
+        ranges = {"numbers": (cfg.min_numbers, cfg.max_numbers), "ood numbers": (cfg.ood_min_numbers, cfg.ood_max_numbers),
+                  "values": (cfg.min_value, cfg.max_value), "targets": (cfg.min_target, cfg.max_target)}
+        for what, (lo, hi) in ranges.items():
             if not 1 <= lo <= hi:
                 raise ConfigError(f"task: {what} range {lo}..{hi} is not valid; it needs 1 <= min <= max")
         if cfg.min_numbers < 2 or cfg.ood_min_numbers < 2:
             raise ConfigError("task.min_numbers and task.ood_min_numbers must be >= 2")
         if (cfg.min_numbers, cfg.max_numbers) == (cfg.ood_min_numbers, cfg.ood_max_numbers):
-            raise ConfigError("task.ood_min_numbers..ood_max_numbers equals the training range; the OOD split must differ")
+            raise ConfigError("task.ood_min_numbers..ood_max_numbers is the training range; the OOD split must differ")
         if cfg.eval_size < 1:
             raise ConfigError(f"task.eval_size={cfg.eval_size} must be >= 1")
         if not 0 <= cfg.eval_seed < 2**30:
-            raise ConfigError(f"task.eval_seed={cfg.eval_seed} must be within 0..2**30 (training problems use seeds above)")
+            raise ConfigError(f"task.eval_seed={cfg.eval_seed} must be within 0..2**30 (training uses the seeds above)")
 
     def __init__(self, cfg, seed: int):
         super().__init__(cfg, seed)

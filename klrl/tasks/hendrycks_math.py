@@ -48,7 +48,7 @@ def load_math_train(src: DataSource, subjects: list[str]) -> list[Problem]:
     problems = [math_problem(r["problem"], a, level=r["level"], type=r["type"])
                 for r in rows if (a := last_boxed(r["solution"]))]
     if len(problems) < len(rows):  # a handful of MATH solutions state the answer without \boxed{}
-        log.info("MATH train: %d of %d problems have no \\boxed{} answer and are left out", len(rows) - len(problems), len(rows))
+        log.info("MATH train: %d of %d problems have no \\boxed{} answer, left out", len(rows) - len(problems), len(rows))
     return problems
 
 
@@ -65,9 +65,9 @@ class MathTask(Task):
     def check(cls, cfg) -> None:
         if cfg.eval_size < 1:
             raise ConfigError(f"task.eval_size={cfg.eval_size} must be >= 1")
-        unknown = [s for s in cfg.train_subjects if s not in SUBJECTS]
-        if unknown or not cfg.train_subjects:
-            raise ConfigError(f"task.train_subjects={list(cfg.train_subjects)} is not valid; choose from: {', '.join(SUBJECTS)}")
+        if not cfg.train_subjects or not set(cfg.train_subjects) <= set(SUBJECTS):
+            raise ConfigError(f"task.train_subjects={list(cfg.train_subjects)} is not valid; "
+                              f"choose from: {', '.join(SUBJECTS)}")
         check_source(cfg.train_data, "task.train_data")
         check_source(cfg.eval_data, "task.eval_data")
         check_mmlu(cfg.ood_data, cfg.ood_subjects, [cfg.ood_split], "task.ood_data")

@@ -43,6 +43,11 @@ def hub_cache() -> Path:
     return Path(os.environ.get("HF_HOME", os.path.join(xdg, "huggingface"))).expanduser() / "hub"
 
 
+def in_hub_cache(repo: str, kind: str = "datasets") -> bool:
+    """Whether some snapshot of `repo` is in the hub cache (not whether it holds every file a run needs)."""
+    return any((hub_cache() / f"{kind}--{repo.replace('/', '--')}" / "snapshots").glob("*"))
+
+
 def how_to_fetch(repo: str, what: str) -> str:
     return (
         f"pre-download it on a machine with network access (`hf download --repo-type dataset {repo}`, "
@@ -59,7 +64,7 @@ def check_source(src, what: str) -> None:
         if not Path(path).expanduser().is_dir():
             raise ConfigError(f"{what}.path={path!r} is not a directory; give a hub dataset id or a local copy of one")
         return
-    if offline() and not any((hub_cache() / f"datasets--{path.replace('/', '--')}" / "snapshots").glob("*")):
+    if offline() and not in_hub_cache(path):
         raise ConfigError(f"{what}.path={path!r} is not in the Hugging Face cache ({hub_cache()}) and the hub is "
                           f"off (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE); {how_to_fetch(path, what)}")
 
