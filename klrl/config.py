@@ -120,6 +120,7 @@ class EvalConfig:
     greedy: bool = True
     bootstrap: int = 1000
     at_start: bool = True
+    batch_size: int = 512  # sequences generated at once; lower it for long generations on large models
 
 
 @dataclass

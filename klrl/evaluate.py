@@ -49,7 +49,8 @@ def evaluate(model, tokenizer, task: Task, splits: dict[str, Sequence[Problem]],
         for name, greedy in modes:
             torch.manual_seed(seed)
             s = score_problems(model, tokenizer, task, problems, cfg.eval.n_samples, greedy, cfg.task.max_new_tokens,
-                               cfg.model.chat_template, cfg.generation.temperature, cfg.generation.top_p)
+                               cfg.model.chat_template, cfg.generation.temperature, cfg.generation.top_p,
+                               chunk=cfg.eval.batch_size)
             lo, hi = bootstrap_ci(s, cfg.eval.bootstrap, seed=seed)
             out[f"eval/{split}/{name}"] = float(s.mean())
             out[f"eval/{split}/{name}_lo"], out[f"eval/{split}/{name}_hi"] = lo, hi
