@@ -79,7 +79,7 @@ class Batch:
     rewards: Tensor  # [B]
     gen_time: float
     old_logp: Tensor | None = None  # [B, R] behaviour log-probs; None = on-policy (the live policy's, detached)
-    staleness: int = 0  # optimizer steps between the sampling policy and the policy being updated
+    staleness: int = 0  # trainer steps (batches) between the sampling policy and the policy being updated
 
 
 def collect(step: int, cfg, policy, tokenizer, task, dist: Dist = Dist()) -> Batch:
@@ -217,6 +217,7 @@ def train(cfg: DictConfig, run_dir: Path) -> str:
             return prev["status"]
 
     device = local_device(cfg.device)
+    threads = torch.get_num_threads()
     if device.type == "cpu" and cfg.model.get("cpu_threads"):
         torch.set_num_threads(cfg.model.cpu_threads)
     dist = setup(device)
@@ -273,10 +274,6 @@ def train(cfg: DictConfig, run_dir: Path) -> str:
             save_checkpoint(run_dir, step, model, optimizer, scheduler, extra)
 
     pipeline = None
-    if cfg.async_mode == "pipeline":
-        from klrl.pipeline import Pipeline
-
-        pipeline = Pipeline(cfg, model, start_step=start)
 
     def next_batch(step: int) -> Batch:
         if pipeline is not None:
@@ -299,6 +296,10 @@ def train(cfg: DictConfig, run_dir: Path) -> str:
 
     write_summary()
     try:
+        if cfg.async_mode == "pipeline":  # inside the try: an error or Ctrl-C from here on closes the generator
+            from klrl.pipeline import Pipeline
+
+            pipeline = Pipeline(cfg, model, start_step=start)
         last_eval = run_eval(0) if start == 0 and cfg.eval.at_start else {}
         if start == 0 and last_eval:
             summary["initial_eval"] = last_eval
@@ -340,3 +341,4 @@ def train(cfg: DictConfig, run_dir: Path) -> str:
         if pipeline is not None:
             pipeline.close()
         metrics.close()
+        torch.set_num_threads(threads)
