@@ -45,9 +45,9 @@ def read_json(path: Path) -> Any:
     return json.loads(Path(path).read_text())
 
 
-def read_metrics(run_dir: Path) -> list[dict]:
-    """Every complete record; a torn last line (a process killed mid-write) is ignored."""
-    path = Path(run_dir) / METRICS
+def read_jsonl(path: Path) -> list[dict]:
+    """Every complete record of a JSON-lines file; a torn line (a process killed mid-write) is skipped."""
+    path = Path(path)
     if not path.exists():
         return []
     out = []
@@ -57,6 +57,10 @@ def read_metrics(run_dir: Path) -> list[dict]:
         except json.JSONDecodeError:
             continue
     return out
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return read_jsonl(Path(run_dir) / METRICS)
 
 
 def rng_state() -> dict:

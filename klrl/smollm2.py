@@ -59,7 +59,6 @@ class SmolLM2Source:
 
     @staticmethod
     def load(cfg: DictConfig, task, task_cfg: DictConfig, cache_dir: Path):
-        import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from klrl.models import DTYPES

@@ -22,7 +22,7 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from klrl.rundir import METRICS, SUMMARY
+from klrl.rundir import METRICS, SUMMARY, read_jsonl
 
 SUBMISSIONS = "submissions.jsonl"
 STATUSES = ("pending", "running", "completed", "diverged", "failed", "unknown")
@@ -53,16 +53,7 @@ class RunState:
 
 # ----------------------------------------------------------------------------------------------- reading runs
 def read_submissions(sweep_dir: Path) -> list[dict]:
-    path = Path(sweep_dir) / SUBMISSIONS
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:  # a line cut short by a crash of the submitting process: skip it
-            continue
-    return out
+    return read_jsonl(Path(sweep_dir) / SUBMISSIONS)
 
 
 def append_submission(sweep_dir: Path, record: dict) -> None:

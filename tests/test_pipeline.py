@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 import klrl.pipeline
 import klrl.trainer
