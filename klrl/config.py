@@ -125,7 +125,7 @@ class EvalConfig:
 
 @dataclass
 class GenerationConfig:
-    backend: str = "hf"  # hf | vllm
+    backend: str = "hf"  # hf (transformers generate); a vLLM backend is planned, not implemented
     temperature: float = 1.0
     top_p: float = 1.0
 
@@ -217,7 +217,7 @@ def validate(cfg: DictConfig) -> None:
 
         if not torch.cuda.is_available():
             raise ConfigError("device=cuda but no CUDA device is visible here; use device=auto or device=cpu")
-    _choice("generation.backend", cfg.generation.backend, ("hf", "vllm"))
+    _choice("generation.backend", cfg.generation.backend, ("hf",))  # refuse vllm until it exists
     _choice("model.dtype", cfg.model.dtype, ("float32", "bfloat16", "float16"))
 
     beta, est, place = cfg.beta, cfg.estimator.name, cfg.placement.name
