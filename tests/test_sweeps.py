@@ -151,10 +151,11 @@ def test_common_grid_overrides_do_not_name_run_dirs():
 
 
 def test_sweep_list_and_bad_name_on_the_command_line(tmp_path):
-    proc = run_klrl("sweep", "tiny", "--list", "steps=2", cwd=tmp_path, check=True)
+    proc = run_klrl("sweep", "tiny", "--list", "steps=2", "optim.lr=0.001", cwd=tmp_path, check=True)
     lines = proc.stdout.splitlines()
     assert lines[0].startswith("tiny: 10 runs") and len(lines) == 11
-    assert "estimator=none,seed=1,steps=2" in proc.stdout
+    assert "estimator=none,optim.lr=0.001,seed=1" in proc.stdout
+    assert "steps=" not in proc.stdout  # resubmitting with more steps extends the same runs
     proc = run_klrl("sweep", "nope", cwd=tmp_path)
     assert proc.returncode == 2 and proc.stderr.startswith("klrl: sweep 'nope' is not valid; choose from:")
     proc = run_klrl("sweep", "tiny", "beta=0.5", "--list", cwd=tmp_path)
