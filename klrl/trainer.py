@@ -290,9 +290,8 @@ def train(cfg: DictConfig, run_dir: Path) -> str:
     # SIGUSR2 is SLURM's "you are about to be preempted / time out" (submitit requeues on it). Finish the step,
     # checkpoint, then hand over to whoever handled the signal before (submitit: requeue with resume=true).
     signalled: list = []
-    prev_handler = None
-    if threading.current_thread() is threading.main_thread():
-        prev_handler = signal.signal(signal.SIGUSR2, lambda signum, frame: signalled.append((signum, frame)))
+    hooked = threading.current_thread() is threading.main_thread()
+    prev_handler = signal.signal(signal.SIGUSR2, lambda signum, frame: signalled.append((signum, frame))) if hooked else None
 
     write_summary()
     try:
@@ -327,17 +326,17 @@ def train(cfg: DictConfig, run_dir: Path) -> str:
                 if done % cfg.ckpt_every:
                     save(done)
                 log.warning("SIGUSR2 at step %d: checkpointed, handing over for requeue", done)
-                handler, prev_handler = prev_handler, None
-                signal.signal(signal.SIGUSR2, handler)
-                if callable(handler):
-                    handler(*signalled[0])
+                hooked = False
+                signal.signal(signal.SIGUSR2, prev_handler or signal.SIG_DFL)
+                if callable(prev_handler):
+                    prev_handler(*signalled[0])
                 return "interrupted"
         summary.update(status="completed", step=cfg.steps, final_eval=last_eval)
         write_summary()
         return "completed"
     finally:
-        if prev_handler is not None:
-            signal.signal(signal.SIGUSR2, prev_handler)
+        if hooked:
+            signal.signal(signal.SIGUSR2, prev_handler or signal.SIG_DFL)
         if pipeline is not None:
             pipeline.close()
         metrics.close()
