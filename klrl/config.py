@@ -285,6 +285,8 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"eval.n_samples={cfg.eval.n_samples} / eval.every={cfg.eval.every} must be >= 1 / >= 0")
     if cfg.generation.temperature <= 0 or not 0 < cfg.generation.top_p <= 1:
         raise ConfigError("generation.temperature must be > 0 and generation.top_p in (0, 1]")
+    if cfg.task.eval_size < 1:  # every task's eval splits are cut to this size
+        raise ConfigError(f"task.eval_size={cfg.task.eval_size} must be >= 1")
     TASKS[cfg.task.name].check(cfg.task)
     SOURCES[cfg.model.source].check(cfg.model)
 

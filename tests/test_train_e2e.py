@@ -148,6 +148,7 @@ BAD = [
     (["algo.baseline=ppo"], "algo.baseline='ppo' is not valid; choose from: rloo, grpo, dr_grpo, none"),
     (["algo.updates_per_batch=4"], "algo.updates_per_batch=4 needs algo.ratio_clip"),
     (["nosuchkey=1"], "nosuchkey"),
+    (["task.eval_size=0"], "task.eval_size=0 must be >= 1"),
     (["generation.backend=vllm"], "generation.backend='vllm' is not valid; choose from: hf"),
     (["-m", "estimator=k1,k9"], "estimator='k9' is not valid"),
 ]

@@ -34,8 +34,6 @@ class ArithTask(Task):
             raise ConfigError(f"task.digits={cfg.digits} / task.ood_digits={cfg.ood_digits} must be within 1..6")
         if cfg.ood_digits == cfg.digits:
             raise ConfigError(f"task.ood_digits={cfg.ood_digits} equals task.digits; the OOD split must differ")
-        if cfg.eval_size < 1:
-            raise ConfigError(f"task.eval_size={cfg.eval_size} must be >= 1")
 
     def _sample(self, rng: random.Random, ood: bool) -> Problem:
         a = _operand(rng, self.cfg.digits)

@@ -81,8 +81,6 @@ class CountdownTask(Task):
             raise ConfigError("task.min_numbers and task.ood_min_numbers must be >= 2")
         if (cfg.min_numbers, cfg.max_numbers) == (cfg.ood_min_numbers, cfg.ood_max_numbers):
             raise ConfigError("task.ood_min_numbers..ood_max_numbers is the training range; the OOD split must differ")
-        if cfg.eval_size < 1:
-            raise ConfigError(f"task.eval_size={cfg.eval_size} must be >= 1")
         if not 0 <= cfg.eval_seed < 2**30:
             raise ConfigError(f"task.eval_seed={cfg.eval_seed} must be within 0..2**30 (training uses the seeds above)")
 

@@ -63,8 +63,6 @@ class MathTask(Task):
 
     @classmethod
     def check(cls, cfg) -> None:
-        if cfg.eval_size < 1:
-            raise ConfigError(f"task.eval_size={cfg.eval_size} must be >= 1")
         if not cfg.train_subjects or not set(cfg.train_subjects) <= set(SUBJECTS):
             raise ConfigError(f"task.train_subjects={list(cfg.train_subjects)} is not valid; "
                               f"choose from: {', '.join(SUBJECTS)}")

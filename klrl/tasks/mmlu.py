@@ -58,8 +58,6 @@ class MmluTask(Task):
 
     @classmethod
     def check(cls, cfg) -> None:
-        if cfg.eval_size < 1:
-            raise ConfigError(f"task.eval_size={cfg.eval_size} must be >= 1")
         check_mmlu(cfg.data, cfg.subjects, [*cfg.train_splits, cfg.eval_split], "task.data")
         if not cfg.train_splits:
             raise ConfigError("task.train_splits is empty; training needs at least one of: dev, validation")
