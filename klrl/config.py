@@ -32,7 +32,11 @@ class WarmStartConfig:
 class ModelConfig:
     name: str = MISSING
     source: str = MISSING  # tiny | hf | smollm2
-    dtype: str = "float32"
+    dtype: str = "float32"  # the dtype forward and backward passes compute in
+    # Master weights (what AdamW updates) when they differ from dtype: bf16 weights lose any update below ~0.4% of
+    # the weight, i.e. almost all of them at lr 1e-6. Needs fsdp, whose MixedPrecisionPolicy does the casting.
+    param_dtype: Optional[str] = None  # None = dtype
+    fsdp: bool = False  # shard parameters, gradients and optimizer state over the job's ranks (FSDP2)
     chat_template: bool = False
     gradient_checkpointing: bool = False
 
@@ -219,6 +223,15 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError("device=cuda but no CUDA device is visible here; use device=auto or device=cpu")
     _choice("generation.backend", cfg.generation.backend, ("hf",))  # refuse vllm until it exists
     _choice("model.dtype", cfg.model.dtype, ("float32", "bfloat16", "float16"))
+    m = cfg.model
+    if m.param_dtype is not None:
+        _choice("model.param_dtype", m.param_dtype, ("float32", "bfloat16", "float16"))
+        if m.param_dtype != m.dtype and not m.fsdp:
+            raise ConfigError(f"model.param_dtype={m.param_dtype} (master weights apart from model.dtype={m.dtype}) needs "
+                              "model.fsdp=true, whose mixed-precision policy casts them; or drop model.param_dtype")
+    if m.fsdp and cfg.async_level > 0:
+        raise ConfigError(f"model.fsdp=true supports async_level=0 only (got async_level={cfg.async_level}); "
+                          "set model.fsdp=false for off-policy runs")
 
     beta, est, place = cfg.beta, cfg.estimator.name, cfg.placement.name
     if beta < 0:

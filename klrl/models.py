@@ -160,7 +160,7 @@ class HFSource:
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         model = AutoModelForCausalLM.from_pretrained(
-            cfg.hf_id, dtype=DTYPES[cfg.dtype], attn_implementation=cfg.attn_implementation, **kw
+            cfg.hf_id, dtype=DTYPES[storage_dtype(cfg)], attn_implementation=cfg.attn_implementation, **kw
         )
         return model, tokenizer
 
@@ -168,9 +168,15 @@ class HFSource:
 SOURCES: dict[str, Any] = {"tiny": TinySource, "hf": HFSource, "pretrained": PretrainedSource, "smollm2": SmolLM2Source}
 
 
+def storage_dtype(cfg: DictConfig) -> str:
+    """The dtype the parameters are kept in: the master weights' if set apart, else the compute dtype."""
+    return cfg.get("param_dtype") or cfg.dtype
+
+
 def load_model(cfg: DictConfig, task, task_cfg: DictConfig, cache_dir: str | Path):
     model, tokenizer = SOURCES[cfg.source].load(cfg, task, task_cfg, Path(cache_dir))
+    model.to(DTYPES[storage_dtype(cfg)])
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()  # renamed in transformers 5
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer

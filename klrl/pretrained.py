@@ -3,7 +3,6 @@
 - `eos_token`: the token that ends a response. Qwen2.5-7B (base) declares <|endoftext|> as its EOS, but under the
   chat template a turn ends with <|im_end|>; without the override sampling runs on into invented turns until
   max_new_tokens, and the checker reads an answer from them.
-- `fsdp`: reserved for sharded training (not wired into the trainer yet, so `true` is refused rather than ignored).
 With the hub switched off (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE), `check` wants the checkpoint in the cache
 already and says how to put it there, instead of a long traceback once the run has started.
 """
@@ -24,7 +23,6 @@ from klrl.tasks.hub import TRUE, hub_cache, in_hub_cache, is_local
 @dataclass
 class PretrainedModelConfig(HFModelConfig):
     eos_token: Optional[str] = None  # None = the tokenizer's own
-    fsdp: bool = False
 
 
 class PretrainedSource:
@@ -35,8 +33,6 @@ class PretrainedSource:
         from klrl.models import HFSource
 
         HFSource.check(cfg)
-        if cfg.fsdp:
-            raise ConfigError("model.fsdp=true is not supported by the trainer yet; set model.fsdp=false")
         hf_id = str(cfg.hf_id)
         off = any(os.environ.get(k, "").lower() in TRUE for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
         if off and not is_local(hf_id) and not in_hub_cache(hf_id, "models"):

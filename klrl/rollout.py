@@ -74,6 +74,8 @@ def generate(
         max_new_tokens=max_new_tokens,
         pad_token_id=pad,
         eos_token_id=tokenizer.eos_token_id,
+        # transformers turns this on for FSDP modules (an all-reduce per token); klrl samples on gathered weights.
+        synced_gpus=False,
         **sampling,
     ).cpu()
     responses = out[:, width:]

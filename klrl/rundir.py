@@ -77,13 +77,14 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state(state["numpy"])
 
 
-def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, extra: dict | None = None) -> None:
+def save_checkpoint(run_dir: Path, step: int, model_state: dict, optim_state: dict, scheduler,
+                    extra: dict | None = None) -> None:
     import torch
 
     state = {
         "step": step,
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
+        "model": model_state,
+        "optimizer": optim_state,
         "scheduler": scheduler.state_dict(),
         "rng": rng_state(),
         **(extra or {}),

@@ -24,12 +24,12 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from klrl.config import ConfigError, kl_spec, pg_spec, validate
-from klrl.distributed import Dist, local_device, setup
+from klrl.distributed import Dist, gathered, load_state_dicts, local_device, setup, shard, state_dicts
 from klrl.estimators import sequence_estimates
 from klrl.evaluate import evaluate
 from klrl.lag import SnapshotRing
 from klrl.losses import policy_loss
-from klrl.models import load_model
+from klrl.models import DTYPES, load_model
 from klrl.rollout import (
     Rollout,
     decode_responses,
@@ -91,7 +91,9 @@ def collect(step: int, cfg, policy, tokenizer, task, dist: Dist = Dist()) -> Bat
     torch.manual_seed(step_seed(cfg.seed, step) + 7919 * dist.rank)
     policy.eval()
     prompt_ids = encode_prompts(tokenizer, [p.prompt for p in problems], cfg.model.chat_template)
-    ro = generate(policy, tokenizer, prompt_ids, cfg.task.max_new_tokens, cfg.generation.temperature, cfg.generation.top_p)
+    with gathered(policy):
+        ro = generate(policy, tokenizer, prompt_ids, cfg.task.max_new_tokens, cfg.generation.temperature,
+                      cfg.generation.top_p)
     rewards = torch.tensor([task.score(p, t) for p, t in zip(problems, decode_responses(tokenizer, ro))])
     return Batch(ro, rewards, time.perf_counter() - t0)
 
@@ -162,6 +164,7 @@ def update(batch: Batch, cfg, model, ref, optimizer, scheduler, kl, pg, dist: Di
         dist.average_gradients(model)
         max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
         gn = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+        gn = gn.full_tensor() if hasattr(gn, "full_tensor") else gn  # a DTensor under FSDP
         if not torch.isfinite(gn):
             raise Diverged("non-finite gradient norm")
         grad_norms.append(gn.item())
@@ -220,7 +223,7 @@ def train(cfg: DictConfig, run_dir: Path) -> str:
     threads = torch.get_num_threads()
     if device.type == "cpu" and cfg.model.get("cpu_threads"):
         torch.set_num_threads(cfg.model.cpu_threads)
-    dist = setup(device)
+    dist = setup(device, cfg.model.fsdp)
     if cfg.algo.prompts_per_step % dist.world:
         raise ConfigError(f"algo.prompts_per_step={cfg.algo.prompts_per_step} must be divisible by the {dist.world} ranks")
     torch.manual_seed(cfg.seed)
@@ -228,6 +231,12 @@ def train(cfg: DictConfig, run_dir: Path) -> str:
     model, tokenizer = load_model(cfg.model, task, cfg.task, cfg.cache_dir)
     model.to(device)
     ref = copy.deepcopy(model).eval().requires_grad_(False)
+    if cfg.model.fsdp:  # the optimizer must be built on the sharded parameters
+        shard(model, device, cfg.model.dtype)
+        shard(ref.to(DTYPES[cfg.model.dtype]), device, cfg.model.dtype)  # frozen: no master copy needed
+    elif cfg.model.dtype in ("bfloat16", "float16") and dist.main:
+        log.warning("training in pure %s: AdamW updates smaller than ~0.4%% of a weight are rounded away; "
+                    "model.fsdp=true model.param_dtype=float32 keeps float32 master weights", cfg.model.dtype)
     o = cfg.optim
     optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
     warmup = max(o.warmup_steps, 0)
@@ -242,8 +251,7 @@ def train(cfg: DictConfig, run_dir: Path) -> str:
         diff = config_diff(ckpt["config"], comparable(cfg))
         if diff:
             raise ConfigError(f"resume: config differs from the checkpoint's ({'; '.join(diff)})")
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        load_state_dicts(model, optimizer, ckpt["model"], ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         set_rng_state(ckpt["rng"])
         if ring is not None:
@@ -262,16 +270,18 @@ def train(cfg: DictConfig, run_dir: Path) -> str:
             write_json(summary_path, summary)
 
     def run_eval(step: int) -> dict:
-        if not dist.main:
-            return {}
-        ev = evaluate(model, tokenizer, task, splits, cfg, seed=step_seed(cfg.seed, 10**9 + step))
+        with gathered(model):  # collective on entry; then rank 0 evaluates alone
+            if not dist.main:
+                return {}
+            ev = evaluate(model, tokenizer, task, splits, cfg, seed=step_seed(cfg.seed, 10**9 + step))
         metrics.write({"step": step, "kind": "eval", **ev})
         return ev
 
     def save(step: int) -> None:
+        model_state, optim_state = state_dicts(model, optimizer)  # collective under FSDP
         if dist.main:
             extra = {"config": comparable(cfg), **({"ring": ring.state()} if ring is not None else {})}
-            save_checkpoint(run_dir, step, model, optimizer, scheduler, extra)
+            save_checkpoint(run_dir, step, model_state, optim_state, scheduler, extra)
 
     pipeline = None
 
@@ -322,13 +332,14 @@ def train(cfg: DictConfig, run_dir: Path) -> str:
                 save(done)
             summary["step"] = done
             write_summary()
-            if signalled and done < cfg.steps:
+            # Collective: a rank that stopped alone would leave the others blocked in the next step's all-reduce.
+            if dist.sum(float(bool(signalled))) > 0 and done < cfg.steps:
                 if done % cfg.ckpt_every:
                     save(done)
                 log.warning("SIGUSR2 at step %d: checkpointed, handing over for requeue", done)
                 hooked = False
                 signal.signal(signal.SIGUSR2, prev_handler or signal.SIG_DFL)
-                if callable(prev_handler):
+                if callable(prev_handler) and signalled:
                     prev_handler(*signalled[0])
                 return "interrupted"
         summary.update(status="completed", step=cfg.steps, final_eval=last_eval)

@@ -36,7 +36,8 @@ def cfg_for(*overrides, check=True):
 def test_paper_model_configs(name, hf_id, eos):
     m = cfg_for(f"model={name}").model
     assert (m.name, m.source, m.hf_id, m.eos_token) == (name, "pretrained", hf_id, eos)
-    assert m.dtype == "bfloat16" and m.chat_template and m.gradient_checkpointing and not m.fsdp
+    assert m.dtype == "bfloat16" and m.chat_template and m.gradient_checkpointing
+    assert m.fsdp and m.param_dtype == "float32"  # bf16 compute, float32 master weights, sharded
 
 
 def test_offline_model_not_in_cache(tmp_path, monkeypatch):
@@ -50,9 +51,15 @@ def test_offline_model_not_in_cache(tmp_path, monkeypatch):
     cfg_for("model=qwen3-4b-instruct-2507")
 
 
-def test_fsdp_is_refused_until_wired():
-    with pytest.raises(ConfigError, match="model.fsdp=true is not supported"):
-        cfg_for("model=qwen2.5-7b", "model.fsdp=true")
+@pytest.mark.parametrize("overrides, match", [
+    (["model=qwen2.5-7b", "model.fsdp=false"], "model.param_dtype=float32 .* needs model.fsdp=true"),
+    (["model.param_dtype=float64"], "model.param_dtype='float64' is not valid"),
+    (["model.fsdp=true", "async_level=2", "algo.is_truncate=8"], "model.fsdp=true supports async_level=0 only"),
+])
+def test_precision_and_sharding_refusals(overrides, match):
+    with pytest.raises(ConfigError, match=match) as e:
+        cfg_for(*overrides)
+    assert "\n" not in str(e.value)
 
 
 @pytest.fixture(scope="module")
