@@ -13,6 +13,7 @@ import torch.distributed as tdist
 import torch.multiprocessing as mp
 
 from klrl.config import kl_spec, pg_spec
+from klrl.generation import make_generator
 from klrl.distributed import Dist
 from klrl.models import load_model
 from klrl.rundir import read_json, read_metrics
@@ -62,7 +63,7 @@ def _free_port() -> int:
 def test_data_parallel_update_equals_single_process(tmp_path):
     cfg = compose_cfg(*OVERRIDES)
     task, model, tok = _setup(cfg)
-    batch = collect(0, cfg, model, tok, task)
+    batch = collect(0, cfg, make_generator(cfg, model, tok), tok, task)
     assert len(batch.rewards) == 16 and batch.rollout.response_mask.sum(-1).std() > 0  # ragged lengths matter
     torch.save(batch, tmp_path / "batch.pt")
     rec1, grads1 = _one_update(cfg, model, batch, Dist())
