@@ -128,10 +128,20 @@ class EvalConfig:
 
 
 @dataclass
+class VLLMConfig:
+    """Knobs of generation.backend=vllm alone (None = the default named here); set with hf they are refused."""
+
+    gpu_memory_utilization: Optional[float] = None  # share of the GPU for vLLM's weights + KV cache; None = 0.4
+    enforce_eager: Optional[bool] = None  # true: no CUDA graphs (slower decoding, faster start); None = false
+    max_model_len: Optional[int] = None  # longest prompt + response vLLM reserves KV cache for; None = the model's
+
+
+@dataclass
 class GenerationConfig:
-    backend: str = "hf"  # hf (transformers generate); a vLLM backend is planned, not implemented
+    backend: str = "hf"  # hf (transformers generate) | vllm (optional extra, CUDA): see klrl/generation.py
     temperature: float = 1.0
     top_p: float = 1.0
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
 
 
 @dataclass
@@ -204,6 +214,33 @@ def pg_spec(cfg: DictConfig) -> PGSpec:
     return PGSpec(baseline=a.baseline, agg=a.agg, ratio_clip=a.ratio_clip, is_truncate=a.is_truncate)
 
 
+def _generation(cfg: DictConfig) -> None:
+    from klrl.generation import BACKENDS, vllm_unavailable
+
+    g = cfg.generation
+    _choice("generation.backend", g.backend, tuple(BACKENDS))
+    knobs = g.get("vllm") or {}  # absent from the configs of runs made before the vllm backend
+    if g.backend != "vllm":
+        for key, value in knobs.items():
+            if value is not None:
+                raise ConfigError(f"generation.vllm.{key}={value} has no effect with generation.backend={g.backend}; "
+                                  "it needs generation.backend=vllm")
+        return
+    if cfg.model.get("fsdp"):  # the engine loads whole tensors; an FSDP model holds shards
+        raise ConfigError("generation.backend=vllm does not run with model.fsdp=true yet; use generation.backend=hf")
+    reason = vllm_unavailable()
+    if reason:
+        raise ConfigError(reason)
+    if cfg.async_mode == "pipeline":  # its generator process samples with the hf backend
+        raise ConfigError("generation.backend=vllm does not run with async_mode=pipeline; use async_mode=sim "
+                          "(async_level=k lags the engine's weights) or generation.backend=hf")
+    mem, max_len = knobs.get("gpu_memory_utilization"), knobs.get("max_model_len")
+    if mem is not None and not 0 < mem < 1:
+        raise ConfigError(f"generation.vllm.gpu_memory_utilization={mem} must be in (0, 1)")
+    if max_len is not None and max_len < 1:
+        raise ConfigError(f"generation.vllm.max_model_len={max_len} must be >= 1")
+
+
 def validate(cfg: DictConfig) -> None:
     """Reject bad values and silently-inert combinations. Cheap: touches no model and no data."""
     from klrl.models import SOURCES
@@ -221,7 +258,7 @@ def validate(cfg: DictConfig) -> None:
 
         if not torch.cuda.is_available():
             raise ConfigError("device=cuda but no CUDA device is visible here; use device=auto or device=cpu")
-    _choice("generation.backend", cfg.generation.backend, ("hf",))  # refuse vllm until it exists
+    _generation(cfg)
     _choice("model.dtype", cfg.model.dtype, ("float32", "bfloat16", "float16"))
     m = cfg.model
     if m.param_dtype is not None:

@@ -109,17 +109,20 @@ def _fsdp_modules(model: torch.nn.Module) -> list:
 @contextlib.contextmanager
 def gathered(model: torch.nn.Module):
     """Full (compute-dtype) weights on every rank for the duration: one collective all-gather on entry, then forward
-    passes run without communication, so `generate` may take a different number of steps on each rank."""
+    passes run without communication, so `generate` may take a different number of steps on each rank. Nested
+    uses are free, so a caller may gather once on all ranks and let one rank sample alone inside."""
     units = _fsdp_modules(model)
-    if not units:
+    if not units or getattr(model, "_klrl_gathered", False):  # not sharded, or already inside: re-entrant
         yield
         return
+    model._klrl_gathered = True
     for m in units:
         m.unshard()
         m.set_reshard_after_forward(False, recurse=False)
     try:
         yield
     finally:
+        model._klrl_gathered = False
         for m in units:
             m.reshard()
             m.set_reshard_after_forward(m is not model, recurse=False)  # fully_shard's default for root vs layers

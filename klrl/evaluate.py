@@ -8,7 +8,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from klrl.rollout import decode_responses, encode_prompts, generate
+from klrl.generation import Generator, make_generator
+from klrl.rollout import decode_responses, encode_prompts
 from klrl.tasks.base import Problem, Task
 
 
@@ -23,7 +24,7 @@ def bootstrap_ci(scores: Sequence[float], reps: int = 1000, level: float = 0.95,
     return float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha))
 
 
-def score_problems(model, tokenizer, task: Task, problems: Sequence[Problem], n: int, greedy: bool,
+def score_problems(generator: Generator, tokenizer, task: Task, problems: Sequence[Problem], n: int, greedy: bool,
                    max_new_tokens: int, chat_template: bool, temperature: float = 1.0, top_p: float = 1.0,
                    chunk: int = 512) -> np.ndarray:
     """[len(problems)] mean score of each problem over its n samples (n = 1 when greedy)."""
@@ -33,26 +34,34 @@ def score_problems(model, tokenizer, task: Task, problems: Sequence[Problem], n:
     scores = np.zeros(len(problems))
     for start in range(0, len(flat), chunk):
         part = flat[start : start + chunk]
-        ro = generate(model, tokenizer, [ids for _, ids in part], max_new_tokens, temperature, top_p, greedy=greedy)
+        ro = generator.generate([ids for _, ids in part], max_new_tokens, temperature, top_p, greedy=greedy)
         for (i, _), text in zip(part, decode_responses(tokenizer, ro)):
             scores[i] += task.score(problems[i], text) / n
     return scores
 
 
-def evaluate(model, tokenizer, task: Task, splits: dict[str, Sequence[Problem]], cfg, seed: int) -> dict[str, float]:
-    """Metrics named eval/<split>/<pass@1|greedy>[_lo|_hi]."""
+def evaluate(model, tokenizer, task: Task, splits: dict[str, Sequence[Problem]], cfg, seed: int,
+             generator: Generator | None = None) -> dict[str, float]:
+    """Metrics named eval/<split>/<pass@1|greedy>[_lo|_hi]. `generator` must hold `model`'s weights; without one,
+    a generator of cfg's backend is made for this call."""
     out: dict[str, float] = {}
     was_training = model.training
     model.eval()
-    for split, problems in splits.items():
-        modes = [("pass@1", False)] + ([("greedy", True)] if cfg.eval.greedy else [])
-        for name, greedy in modes:
-            torch.manual_seed(seed)
-            s = score_problems(model, tokenizer, task, problems, cfg.eval.n_samples, greedy, cfg.task.max_new_tokens,
-                               cfg.model.chat_template, cfg.generation.temperature, cfg.generation.top_p,
-                               chunk=cfg.eval.batch_size)
-            lo, hi = bootstrap_ci(s, cfg.eval.bootstrap, seed=seed)
-            out[f"eval/{split}/{name}"] = float(s.mean())
-            out[f"eval/{split}/{name}_lo"], out[f"eval/{split}/{name}_hi"] = lo, hi
+    own = generator is None
+    gen = make_generator(cfg, model, tokenizer) if own else generator
+    try:
+        for split, problems in splits.items():
+            modes = [("pass@1", False)] + ([("greedy", True)] if cfg.eval.greedy else [])
+            for name, greedy in modes:
+                torch.manual_seed(seed)
+                s = score_problems(gen, tokenizer, task, problems, cfg.eval.n_samples, greedy, cfg.task.max_new_tokens,
+                                   cfg.model.chat_template, cfg.generation.temperature, cfg.generation.top_p,
+                                   chunk=cfg.eval.batch_size)
+                lo, hi = bootstrap_ci(s, cfg.eval.bootstrap, seed=seed)
+                out[f"eval/{split}/{name}"] = float(s.mean())
+                out[f"eval/{split}/{name}_lo"], out[f"eval/{split}/{name}_hi"] = lo, hi
+    finally:
+        if own:
+            gen.close()
     model.train(was_training)
     return out

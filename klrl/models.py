@@ -79,6 +79,8 @@ def atomic_save_pretrained(model, tokenizer, dest: Path) -> None:
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        if not (tmp / "config.json").is_file():  # e.g. save_pretrained on a rank other than 0 writes no model
+            raise RuntimeError(f"save_pretrained wrote no model to {tmp}; not caching an incomplete checkpoint")
         try:
             os.rename(tmp, dest)
         except OSError:  # another process finished the same warm start first; keep theirs
@@ -86,6 +88,19 @@ def atomic_save_pretrained(model, tokenizer, dest: Path) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def build_once(path: Path, build) -> None:
+    """Run `build` (which creates path) unless path exists. In a multi-rank job rank 0 builds while the others
+    wait: transformers' save_pretrained writes weights on rank 0 only, and a rank racing it would cache a checkpoint
+    with a tokenizer and no model."""
+    import torch.distributed as dist
+
+    ranks = dist.is_available() and dist.is_initialized()
+    if not path.exists() and (not ranks or dist.get_rank() == 0):
+        build()
+    if ranks:
+        dist.barrier()
 
 
 def warm_start(model, tokenizer, task, cfg: DictConfig) -> None:
@@ -130,15 +145,20 @@ class TinySource:
     def load(cfg: DictConfig, task, task_cfg: DictConfig, cache_dir: Path):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        key = config_hash(cfg, task_cfg, TINY_ALPHABET, "v1")
+        # How the weights are sharded and kept during RL does not change the warm start (nor its cache key).
+        what = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in ("fsdp", "param_dtype")}
+        key = config_hash(what, task_cfg, TINY_ALPHABET, "v1")
         path = Path(cache_dir) / "warmstart" / f"{cfg.name}-{task_cfg.name}-{key}"
-        if not path.exists():
+
+        def build() -> None:
             log.info("warm-starting the tiny model (cached at %s)", path)
             tokenizer = build_char_tokenizer()
             torch.manual_seed(0)
             model = build_tiny_model(cfg, len(tokenizer))
             warm_start(model, tokenizer, task, cfg)
             atomic_save_pretrained(model, tokenizer, path)
+
+        build_once(path, build)
         return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), AutoTokenizer.from_pretrained(path)
 
 

@@ -51,6 +51,7 @@ def _generator_main(cfg_dict, shared, cond, version, stop, conn, start_step: int
     step = start_step
     try:
         from klrl.distributed import local_device
+        from klrl.generation import make_generator
         from klrl.models import load_model
         from klrl.tasks import TASKS
         from klrl.trainer import behaviour_logprobs, collect
@@ -61,6 +62,7 @@ def _generator_main(cfg_dict, shared, cond, version, stop, conn, start_step: int
         task = TASKS[cfg.task.name](cfg.task, cfg.seed)
         model, tokenizer = load_model(cfg.model, task, cfg.task, cfg.cache_dir)
         model.to(local_device(cfg.device)).eval().requires_grad_(False)
+        generator = make_generator(cfg, model, tokenizer)  # hf: config.validate refuses vllm with the pipeline
         loaded = None
         while True:
             with cond:
@@ -72,7 +74,7 @@ def _generator_main(cfg_dict, shared, cond, version, stop, conn, start_step: int
                 if v != loaded:
                     model.load_state_dict(shared)
                     loaded = v
-            batch = collect(step, cfg, model, tokenizer, task)
+            batch = collect(step, cfg, generator, tokenizer, task)
             t0 = time.perf_counter()
             batch.old_logp = behaviour_logprobs(model, batch, cfg.algo.micro_batch_size or len(batch.rewards)).cpu()
             batch.gen_time += time.perf_counter() - t0

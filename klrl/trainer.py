@@ -16,7 +16,7 @@ import signal
 import threading
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -27,6 +27,7 @@ from klrl.config import ConfigError, kl_spec, pg_spec, validate
 from klrl.distributed import Dist, gathered, load_state_dicts, local_device, setup, shard, state_dicts
 from klrl.estimators import sequence_estimates
 from klrl.evaluate import evaluate
+from klrl.generation import Generator, logprob_mismatch, make_generator
 from klrl.lag import SnapshotRing
 from klrl.losses import policy_loss
 from klrl.models import DTYPES, load_model
@@ -34,7 +35,6 @@ from klrl.rollout import (
     Rollout,
     decode_responses,
     encode_prompts,
-    generate,
     kl_and_entropy,
     response_logits,
     token_logprobs,
@@ -57,6 +57,9 @@ def step_seed(seed: int, step: int) -> int:
 
 def comparable(cfg: DictConfig) -> dict:
     c = OmegaConf.to_container(cfg, resolve=True)
+    gen = c.get("generation") or {}
+    if all(v is None for v in (gen.get("vllm") or {}).values()):  # unset: as in runs made before the vllm backend
+        gen.pop("vllm", None)
     return {k: v for k, v in c.items() if k not in RESUMABLE_KEYS}
 
 
@@ -80,20 +83,18 @@ class Batch:
     gen_time: float
     old_logp: Tensor | None = None  # [B, R] behaviour log-probs; None = on-policy (the live policy's, detached)
     staleness: int = 0  # trainer steps (batches) between the sampling policy and the policy being updated
+    stats: dict = field(default_factory=dict)  # extra metrics of the step (the sampler's log-prob mismatch)
 
 
-def collect(step: int, cfg, policy, tokenizer, task, dist: Dist = Dist()) -> Batch:
-    """Sample this rank's share of the step's prompts, G responses each, with `policy`, and score them."""
+def collect(step: int, cfg, generator: Generator, tokenizer, task, dist: Dist = Dist()) -> Batch:
+    """Sample this rank's share of the step's prompts, G responses each, with `generator`, and score them."""
     t0 = time.perf_counter()
     G = cfg.algo.group_size
     prompts = task.sample_train(random.Random(step_seed(cfg.seed, step)), cfg.algo.prompts_per_step)
     problems = [p for p in dist.shard(prompts) for _ in range(G)]
     torch.manual_seed(step_seed(cfg.seed, step) + 7919 * dist.rank)
-    policy.eval()
     prompt_ids = encode_prompts(tokenizer, [p.prompt for p in problems], cfg.model.chat_template)
-    with gathered(policy):
-        ro = generate(policy, tokenizer, prompt_ids, cfg.task.max_new_tokens, cfg.generation.temperature,
-                      cfg.generation.top_p)
+    ro = generator.generate(prompt_ids, cfg.task.max_new_tokens, cfg.generation.temperature, cfg.generation.top_p)
     rewards = torch.tensor([task.score(p, t) for p, t in zip(problems, decode_responses(tokenizer, ro))])
     return Batch(ro, rewards, time.perf_counter() - t0)
 
@@ -273,7 +274,10 @@ def train(cfg: DictConfig, run_dir: Path) -> str:
         with gathered(model):  # collective on entry; then rank 0 evaluates alone
             if not dist.main:
                 return {}
-            ev = evaluate(model, tokenizer, task, splits, cfg, seed=step_seed(cfg.seed, 10**9 + step))
+            if ring is not None:
+                generator.sync(model)  # it holds a lagged snapshot; evaluations are of the current weights
+            ev = evaluate(model, tokenizer, task, splits, cfg, seed=step_seed(cfg.seed, 10**9 + step),
+                          generator=generator)
         metrics.write({"step": step, "kind": "eval", **ev})
         return ev
 
@@ -284,17 +288,29 @@ def train(cfg: DictConfig, run_dir: Path) -> str:
             save_checkpoint(run_dir, step, model_state, optim_state, scheduler, extra)
 
     pipeline = None
+    generator = None
 
     def next_batch(step: int) -> Batch:
         if pipeline is not None:
             return pipeline.get(step)
         if ring is None:
-            return collect(step, cfg, model, tokenizer, task, dist)
-        ring.push(model)
-        behaviour, staleness = ring.policy()
-        batch = collect(step, cfg, behaviour, tokenizer, task, dist)
-        batch.old_logp = behaviour_logprobs(behaviour, batch, cfg.algo.micro_batch_size or len(batch.rewards))
-        batch.staleness = staleness
+            batch = collect(step, cfg, generator, tokenizer, task, dist)
+        else:
+            ring.push(model)
+            behaviour, staleness = ring.policy()
+            generator.sync(behaviour)
+            batch = collect(step, cfg, generator, tokenizer, task, dist)
+            batch.old_logp = behaviour_logprobs(behaviour, batch, cfg.algo.micro_batch_size or len(batch.rewards))
+            batch.staleness = staleness
+        ro = batch.rollout
+        if ro.sampler_logp is not None:  # the engine's own log-probs: compare with ours for the same weights
+            if batch.old_logp is not None:  # already computed, for the whole batch
+                ours, part = batch.old_logp, ro
+            else:  # one prompt group: a forward pass over G sequences, a small share of the step
+                part = ro.select(slice(0, cfg.algo.group_size))
+                with torch.no_grad():
+                    ours = token_logprobs(response_logits(model, part), part.responses, part.response_mask)
+            batch.stats = dist.mean_dict(logprob_mismatch(part.sampler_logp, ours, part.response_mask))
         return batch
 
     # SIGUSR2 is SLURM's "you are about to be preempted / time out" (submitit requeues on it). Finish the step,
@@ -309,18 +325,23 @@ def train(cfg: DictConfig, run_dir: Path) -> str:
             from klrl.pipeline import Pipeline
 
             pipeline = Pipeline(cfg, model, start_step=start)
+        generator = make_generator(cfg, model, tokenizer)
         last_eval = run_eval(0) if start == 0 and cfg.eval.at_start else {}
         if start == 0 and last_eval:
             summary["initial_eval"] = last_eval
         for step in range(start, cfg.steps):
             try:
-                rec = update(next_batch(step), cfg, model, ref, optimizer, scheduler, kl, pg, dist)
+                batch = next_batch(step)
+                rec = update(batch, cfg, model, ref, optimizer, scheduler, kl, pg, dist)
             except Diverged as e:
                 metrics.write({"step": step + 1, "kind": "diverged", "reason": str(e)})
                 summary.update(status="diverged", step=step, diverged_at=step + 1, reason=str(e), last_eval=last_eval)
                 write_summary()
                 log.warning("diverged at step %d: %s", step + 1, e)
                 return "diverged"
+            rec.update(batch.stats)
+            if ring is None:
+                generator.sync(model)  # the next batch and evaluations sample from the updated weights
             if pipeline is not None:
                 pipeline.publish(step + 1, model)
                 rec.update(pipeline.stats())
@@ -350,5 +371,7 @@ def train(cfg: DictConfig, run_dir: Path) -> str:
             signal.signal(signal.SIGUSR2, prev_handler or signal.SIG_DFL)
         if pipeline is not None:
             pipeline.close()
+        if generator is not None:
+            generator.close()
         metrics.close()
         torch.set_num_threads(threads)

@@ -16,6 +16,7 @@ import torch.multiprocessing as mp
 
 from klrl.config import kl_spec, pg_spec
 from klrl.distributed import Dist, shard, state_dicts
+from klrl.generation import make_generator
 from klrl.models import load_model
 from klrl.rundir import read_json, read_metrics
 from klrl.tasks import TASKS
@@ -75,7 +76,7 @@ def test_two_rank_update_equals_single_process(tmp_path, fsdp):
     cfg = compose_cfg(*OVERRIDES)
     task, model, tok = _setup(cfg)
     before = copy.deepcopy(model.state_dict())
-    batch = collect(0, cfg, model, tok, task)
+    batch = collect(0, cfg, make_generator(cfg, model, tok), tok, task)
     assert len(batch.rewards) == 16 and batch.rollout.response_mask.sum(-1).std() > 0  # ragged lengths matter
     assert 0 < batch.rewards.mean() < 1  # the policy-gradient term is live
     torch.save(batch, tmp_path / "batch.pt")
@@ -95,13 +96,18 @@ def test_two_rank_update_equals_single_process(tmp_path, fsdp):
 
 
 def test_torchrun_two_processes_end_to_end(tmp_path):
-    run = tmp_path / "run"
+    """From an empty cache: rank 0 builds the warm start while rank 1 waits (racing, rank 1 once cached a
+    checkpoint without weights, since save_pretrained writes them on rank 0 only)."""
+    run, cache = tmp_path / "run", tmp_path / "cache"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(_free_port()),
            "-m", "klrl", "train", *OVERRIDES, "steps=2", f"hydra.run.dir={run}"]
-    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "KLRL_CACHE": str(cache)})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert read_json(run / "summary.json")["status"] == "completed"
     assert [r["step"] for r in read_metrics(run) if r["kind"] == "train"] == [1, 2]
+    (built,) = (cache / "warmstart").iterdir()
+    assert (built / "model.safetensors").is_file() and (built / "config.json").is_file()
 
 
 def _torchrun(tmp_path, *args: str) -> subprocess.CompletedProcess:
@@ -148,7 +154,7 @@ def _precision_worker(rank, out_path, cache, fsdp):
         shard(ref, torch.device("cpu"), cfg.model.dtype)
     before = {k: v.float().clone() for k, v in state_dicts(model, torch.optim.SGD(model.parameters(), lr=1))[0].items()}
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=0.0)  # moves only what has a gradient
-    batch = collect(0, cfg, model, tok, task, dist)
+    batch = collect(0, cfg, make_generator(cfg, model, tok), tok, task, dist)
     update(batch, cfg, model, ref, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), kl_spec(cfg), pg_spec(cfg), dist)
     after = state_dicts(model, opt)[0]
     moved = sum(int((after[k].float() != v).sum()) for k, v in before.items())

@@ -7,6 +7,7 @@ import copy
 import torch
 
 from klrl.config import kl_spec, pg_spec
+from klrl.generation import make_generator
 from klrl.lag import SnapshotRing
 from klrl.models import load_model
 from klrl.rundir import read_metrics
@@ -39,13 +40,13 @@ def test_lag_zero_through_the_ring_equals_the_on_policy_step():
     recs = []
     for i, m in enumerate(models):
         if i == 0:
-            batch = collect(0, cfg, m, tok, task)
+            batch = collect(0, cfg, make_generator(cfg, m, tok), tok, task)
         else:
             ring = SnapshotRing(m, lag=0)
             ring.push(m)
             behaviour, staleness = ring.policy()
             assert staleness == 0
-            batch = collect(0, cfg, behaviour, tok, task)
+            batch = collect(0, cfg, make_generator(cfg, behaviour, tok), tok, task)
             batch.old_logp = behaviour_logprobs(behaviour, batch, len(batch.rewards))
         ref = copy.deepcopy(m).eval().requires_grad_(False)
         opt = torch.optim.AdamW(m.parameters(), lr=1e-3)

@@ -16,6 +16,7 @@ import torch
 
 import klrl.pipeline
 import klrl.trainer
+from klrl.generation import make_generator
 from klrl.models import load_model
 from klrl.pipeline import Pipeline, PipelineError
 from klrl.rundir import SUMMARY, read_json, read_metrics
@@ -110,7 +111,7 @@ def test_batches_come_from_the_snapshot_they_name(one_thread, start):
             batch = pipe.get(step)
             seen.append(batch.staleness)
             behaviour = snapshots[step - batch.staleness]
-            want = collect(step, cfg, behaviour, tok, task)
+            want = collect(step, cfg, make_generator(cfg, behaviour, tok), tok, task)
             assert torch.equal(batch.rollout.input_ids, want.rollout.input_ids)
             assert torch.equal(batch.rewards, want.rewards)
             torch.testing.assert_close(batch.old_logp, behaviour_logprobs(behaviour, want, len(want.rewards)))

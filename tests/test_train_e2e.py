@@ -149,7 +149,8 @@ BAD = [
     (["algo.updates_per_batch=4"], "algo.updates_per_batch=4 needs algo.ratio_clip"),
     (["nosuchkey=1"], "nosuchkey"),
     (["task.eval_size=0"], "task.eval_size=0 must be >= 1"),
-    (["generation.backend=vllm"], "generation.backend='vllm' is not valid; choose from: hf"),
+    (["generation.backend=sglang"], "generation.backend='sglang' is not valid; choose from: hf, vllm"),
+    (["generation.vllm.enforce_eager=true"], "generation.vllm.enforce_eager=True has no effect with generation.backend=hf"),
     (["-m", "estimator=k1,k9"], "estimator='k9' is not valid"),
 ]
 
