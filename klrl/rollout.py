@@ -96,24 +96,34 @@ def generate(
     top_p: float = 1.0,
     greedy: bool = False,
 ) -> Rollout:
-    """Sample with transformers `generate` from the live model (the hf backend). synced_gpus: keep stepping until
-    every rank is done, which sharded (FSDP) models need; off otherwise."""
+    """Sample with transformers `generate` from the live model (the hf backend).
+
+    Exactly softmax(logits / temperature), nucleus-cut at top_p, and nothing else: a checkpoint's own generation
+    defaults (Qwen2.5-Instruct ships repetition_penalty=1.05, top_k=20) are kept out, since transformers fills every
+    option the caller leaves unset from them, and each would make the samples come from a distribution other than
+    the policy whose log-probs the loss uses."""
+    from transformers import GenerationConfig
+
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id
     ids, attn = left_pad(prompt_ids, pad)
     width = ids.shape[1]
     sampling = {} if greedy else {"temperature": temperature, "top_p": top_p, "top_k": 0}
-    out = model.generate(
-        input_ids=ids.to(device),
-        attention_mask=attn.to(device),
-        do_sample=not greedy,
-        max_new_tokens=max_new_tokens,
-        pad_token_id=pad,
-        eos_token_id=tokenizer.eos_token_id,
-        # transformers turns this on for FSDP modules (an all-reduce per token); klrl samples on gathered weights.
-        synced_gpus=False,
-        **sampling,
-    ).cpu()
+    own, model.generation_config = model.generation_config, GenerationConfig(pad_token_id=pad)
+    try:
+        out = model.generate(
+            input_ids=ids.to(device),
+            attention_mask=attn.to(device),
+            do_sample=not greedy,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=pad,
+            eos_token_id=tokenizer.eos_token_id,
+            # transformers turns this on for FSDP modules (an all-reduce per token); klrl samples on gathered weights.
+            synced_gpus=False,
+            **sampling,
+        ).cpu()
+    finally:
+        model.generation_config = own
     responses = out[:, width:]
     rmask = response_mask(responses, tokenizer.eos_token_id)
     return Rollout(out, torch.cat([attn, rmask.long()], -1), width, rmask)

@@ -57,6 +57,26 @@ def test_hf_generator_is_the_old_sampling_path_and_is_seeded(tiny):
     assert same(gen.generate(prompts, 16, greedy=True), generate(model, tok, prompts, 16, greedy=True))
 
 
+def test_hf_sampling_ignores_the_checkpoints_generation_defaults(tiny):
+    """Penalties and cut-offs from generation_config.json would sample off-policy; the hf backend drops them."""
+    cfg, model, tok, prompts = tiny
+    plain = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        plain.append(generate(model, tok, prompts, 16, 1.0, 1.0))
+    skewed = copy.deepcopy(model)
+    skewed.generation_config.update(repetition_penalty=5.0, top_k=2, min_new_tokens=4)
+    for seed, ref in zip((0, 1), plain):
+        torch.manual_seed(seed)
+        assert same(generate(skewed, tok, prompts, 16, 1.0, 1.0), ref)
+    assert skewed.generation_config.repetition_penalty == 5.0  # the model's own config is left as it was
+    # What transformers alone does with those defaults: different samples.
+    torch.manual_seed(0)
+    raw = skewed.generate(input_ids=plain[0].input_ids[:, : plain[0].prompt_len], attention_mask=plain[0].attention_mask[
+        :, : plain[0].prompt_len], do_sample=True, max_new_tokens=16, pad_token_id=tok.pad_token_id)
+    assert not torch.equal(raw, plain[0].input_ids[:, : raw.shape[1]])
+
+
 def test_hf_sync_samples_from_the_given_module(tiny):
     """The trainer's snapshot ring syncs the generator to the lagged policy: it must then sample that policy."""
     cfg, model, tok, prompts = tiny
