@@ -266,9 +266,9 @@ def validate(cfg: DictConfig) -> None:
         if m.param_dtype != m.dtype and not m.fsdp:
             raise ConfigError(f"model.param_dtype={m.param_dtype} (master weights apart from model.dtype={m.dtype}) needs "
                               "model.fsdp=true, whose mixed-precision policy casts them; or drop model.param_dtype")
-    if m.fsdp and cfg.async_level > 0:
-        raise ConfigError(f"model.fsdp=true supports async_level=0 only (got async_level={cfg.async_level}); "
-                          "set model.fsdp=false for off-policy runs")
+    if m.fsdp and cfg.async_mode == "pipeline":
+        raise ConfigError("model.fsdp=true does not run with async_mode=pipeline (one trainer process); "
+                          "use async_mode=sim for lagged rollouts")
 
     beta, est, place = cfg.beta, cfg.estimator.name, cfg.placement.name
     if beta < 0:

@@ -7,27 +7,36 @@ pipeline lives in klrl.pipeline and is checked against it.
 
 from __future__ import annotations
 
-import copy
 from collections import deque
 
 import torch
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t  # an FSDP parameter is a DTensor: this rank's shard
+
+
 class SnapshotRing:
-    def __init__(self, model: torch.nn.Module, lag: int):
+    """`behaviour` is a frozen copy of the policy, built by the caller (sharded like the policy under FSDP, where
+    each rank then keeps only its own shard of every snapshot, in the behaviour copy's dtype)."""
+
+    def __init__(self, behaviour: torch.nn.Module, lag: int):
         self.lag = lag
         self.ring: deque[dict] = deque()
-        self.behaviour = copy.deepcopy(model).eval().requires_grad_(False)
+        self.behaviour = behaviour.eval().requires_grad_(False)
 
     def push(self, model: torch.nn.Module) -> None:
         """Record the parameters the trainer has now (call once per step, before generating)."""
-        self.ring.append({k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()})
+        into = self.behaviour.state_dict()
+        self.ring.append({k: _local(v).detach().to("cpu", into[k].dtype, copy=True) for k, v in model.state_dict().items()})
         while len(self.ring) > self.lag + 1:
             self.ring.popleft()
 
+    @torch.no_grad()
     def policy(self) -> tuple[torch.nn.Module, int]:
         """The behaviour policy (the oldest snapshot) and its staleness in optimizer steps."""
-        self.behaviour.load_state_dict(self.ring[0])
+        for k, v in self.behaviour.state_dict().items():  # views of the parameters: copying in loads them
+            _local(v).copy_(self.ring[0][k])
         return self.behaviour, len(self.ring) - 1
 
     def state(self) -> list[dict]:

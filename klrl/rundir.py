@@ -92,6 +92,36 @@ def save_checkpoint(run_dir: Path, step: int, model_state: dict, optim_state: di
     atomic_write(Path(run_dir) / CHECKPOINT, lambda f: torch.save(state, f), mode="wb")
 
 
+def _ring_shard(run_dir: Path, step: int, rank: int, world: int) -> Path:
+    return Path(run_dir) / f"ring-step{step}-rank{rank}of{world}.pt"
+
+
+def save_ring_shard(run_dir: Path, step: int, rank: int, world: int, snapshots: list) -> None:
+    """This rank's shard of the lag ring (FSDP), beside the checkpoint of the same step. This and the previous
+    save's shard are kept: until rank 0 has replaced checkpoint.pt, the one on disk is the previous step's."""
+    import torch
+
+    atomic_write(_ring_shard(run_dir, step, rank, world), lambda f: torch.save(snapshots, f), mode="wb")
+    mine = sorted(Path(run_dir).glob(f"ring-step*-rank{rank}of{world}.pt"),
+                  key=lambda p: int(p.name.split("-")[1].removeprefix("step")))
+    for old in mine[:-2]:
+        old.unlink(missing_ok=True)
+
+
+def load_ring_shard(run_dir: Path, step: int, rank: int, world: int, saved_world: int) -> list:
+    import torch
+
+    from klrl.config import ConfigError
+
+    if saved_world != world:
+        raise ConfigError(f"resume: the lag ring of {run_dir} was saved sharded over {saved_world} ranks; "
+                          f"resume it with {saved_world} ranks, not {world}")
+    path = _ring_shard(run_dir, step, rank, world)
+    if not path.exists():
+        raise ConfigError(f"resume: {path.name} is missing from {run_dir}; the checkpoint cannot be resumed exactly")
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
 def load_checkpoint(run_dir: Path) -> dict | None:
     import torch
 

@@ -39,7 +39,18 @@ from klrl.rollout import (
     response_logits,
     token_logprobs,
 )
-from klrl.rundir import CHECKPOINT, SUMMARY, MetricsLog, load_checkpoint, read_json, save_checkpoint, set_rng_state, write_json
+from klrl.rundir import (
+    CHECKPOINT,
+    SUMMARY,
+    MetricsLog,
+    load_checkpoint,
+    load_ring_shard,
+    read_json,
+    save_checkpoint,
+    save_ring_shard,
+    set_rng_state,
+    write_json,
+)
 from klrl.tasks import TASKS
 
 log = logging.getLogger(__name__)
@@ -232,9 +243,13 @@ def train(cfg: DictConfig, run_dir: Path) -> str:
     model, tokenizer = load_model(cfg.model, task, cfg.task, cfg.cache_dir)
     model.to(device)
     ref = copy.deepcopy(model).eval().requires_grad_(False)
+    lagged = cfg.async_level > 0 and cfg.async_mode == "sim"
+    behaviour = copy.deepcopy(ref) if lagged else None  # the lag ring's sampler; copied before FSDP, which can't be
     if cfg.model.fsdp:  # the optimizer must be built on the sharded parameters
         shard(model, device, cfg.model.dtype)
-        shard(ref.to(DTYPES[cfg.model.dtype]), device, cfg.model.dtype)  # frozen: no master copy needed
+        for frozen in (ref, behaviour):  # no master copy needed: held in the compute dtype
+            if frozen is not None:
+                shard(frozen.to(DTYPES[cfg.model.dtype]), device, cfg.model.dtype)
     elif cfg.model.dtype in ("bfloat16", "float16") and dist.main:
         log.warning("training in pure %s: AdamW updates smaller than ~0.4%% of a weight are rounded away; "
                     "model.fsdp=true model.param_dtype=float32 keeps float32 master weights", cfg.model.dtype)
@@ -242,7 +257,7 @@ def train(cfg: DictConfig, run_dir: Path) -> str:
     optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
     warmup = max(o.warmup_steps, 0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
-    ring = SnapshotRing(model, cfg.async_level) if cfg.async_level > 0 and cfg.async_mode == "sim" else None
+    ring = SnapshotRing(behaviour, cfg.async_level) if lagged else None
     if cfg.async_mode == "pipeline" and dist.world > 1:
         raise ConfigError("async_mode=pipeline runs with a single trainer process; use async_mode=sim with several ranks")
 
@@ -255,8 +270,9 @@ def train(cfg: DictConfig, run_dir: Path) -> str:
         load_state_dicts(model, optimizer, ckpt["model"], ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         set_rng_state(ckpt["rng"])
-        if ring is not None:
-            ring.load_state(ckpt["ring"])
+        if ring is not None:  # under FSDP each rank saved its own shard of every snapshot
+            ring.load_state(load_ring_shard(run_dir, ckpt["step"], dist.rank, dist.world, ckpt["ring_shards"])
+                            if dist.sharded else ckpt["ring"])
         start = ckpt["step"]
         log.info("resumed from step %d", start)
 
@@ -283,8 +299,14 @@ def train(cfg: DictConfig, run_dir: Path) -> str:
 
     def save(step: int) -> None:
         model_state, optim_state = state_dicts(model, optimizer)  # collective under FSDP
+        extra = {"config": comparable(cfg)}
+        if ring is not None and dist.sharded:
+            save_ring_shard(run_dir, step, dist.rank, dist.world, ring.state())
+            dist.sum(0.0)  # every shard is on disk before the checkpoint that refers to them
+            extra["ring_shards"] = dist.world
+        elif ring is not None:
+            extra["ring"] = ring.state()
         if dist.main:
-            extra = {"config": comparable(cfg), **({"ring": ring.state()} if ring is not None else {})}
             save_checkpoint(run_dir, step, model_state, optim_state, scheduler, extra)
 
     pipeline = None

@@ -118,16 +118,20 @@ def _torchrun(tmp_path, *args: str) -> subprocess.CompletedProcess:
     return proc
 
 
-def test_fsdp_run_resumes_exactly_and_matches_data_parallel(tmp_path):
-    """3 FSDP steps == 2 FSDP steps, then resume=true to 3; and == 3 plain data-parallel steps (float32)."""
+@pytest.mark.parametrize("lag", [0, 2])
+def test_fsdp_run_resumes_exactly_and_matches_data_parallel(tmp_path, lag):
+    """3 FSDP steps == 2 FSDP steps, then resume=true to 3; and == 3 plain data-parallel steps (float32). With
+    lag 2 the ring of snapshots is sharded too, one file per rank beside each checkpoint."""
     train = lambda d: [r for r in read_metrics(d) if r["kind"] == "train"]
-    _torchrun(tmp_path, "model.fsdp=true", "steps=3", f"hydra.run.dir={tmp_path / 'whole'}")
-    _torchrun(tmp_path, "model.fsdp=true", "steps=2", f"hydra.run.dir={tmp_path / 'cut'}")
-    _torchrun(tmp_path, "model.fsdp=true", "steps=3", "resume=true", f"hydra.run.dir={tmp_path / 'cut'}")
-    _torchrun(tmp_path, "steps=3", f"hydra.run.dir={tmp_path / 'dp'}")
+    lagged = ["async_level=2", "algo.is_truncate=8"] if lag else []
+    _torchrun(tmp_path, *lagged, "model.fsdp=true", "steps=3", f"hydra.run.dir={tmp_path / 'whole'}")
+    _torchrun(tmp_path, *lagged, "model.fsdp=true", "steps=2", "ckpt_every=1", f"hydra.run.dir={tmp_path / 'cut'}")
+    _torchrun(tmp_path, *lagged, "model.fsdp=true", "steps=3", "resume=true", f"hydra.run.dir={tmp_path / 'cut'}")
+    _torchrun(tmp_path, *lagged, "steps=3", f"hydra.run.dir={tmp_path / 'dp'}")
     whole, cut, dp = (train(tmp_path / d) for d in ("whole", "cut", "dp"))
     assert [r["step"] for r in cut] == [1, 2, 3] and read_json(tmp_path / "cut" / "summary.json")["status"] == "completed"
     assert any(r["grad_norm"] > 0 for r in whole)
+    assert [r["staleness"] for r in whole] == [0, 1, 2][: 3 if lag else 0] + [0, 0, 0][: 0 if lag else 3]
     keys = ("reward", "loss", "kl/exact", "kl/k3", "entropy", "grad_norm", "response_length")
     for a, b, c in zip(whole, cut, dp):
         for k in keys:
@@ -136,6 +140,8 @@ def test_fsdp_run_resumes_exactly_and_matches_data_parallel(tmp_path):
     ckpt = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=False)
     model = _setup(compose_cfg(*OVERRIDES))[1]
     assert set(ckpt["model"]) == set(model.state_dict())  # a full state dict: `klrl eval` and 1-rank resumes load it
+    shards = sorted(p.name for p in (tmp_path / "cut").glob("ring-*.pt"))
+    assert shards == ([f"ring-step{s}-rank{r}of2.pt" for s in (2, 3) for r in (0, 1)] if lag else [])
 
 
 def _precision_worker(rank, out_path, cache, fsdp):

@@ -42,7 +42,7 @@ def test_lag_zero_through_the_ring_equals_the_on_policy_step():
         if i == 0:
             batch = collect(0, cfg, make_generator(cfg, m, tok), tok, task)
         else:
-            ring = SnapshotRing(m, lag=0)
+            ring = SnapshotRing(copy.deepcopy(m), lag=0)
             ring.push(m)
             behaviour, staleness = ring.policy()
             assert staleness == 0

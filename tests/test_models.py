@@ -54,7 +54,8 @@ def test_offline_model_not_in_cache(tmp_path, monkeypatch):
 @pytest.mark.parametrize("overrides, match", [
     (["model=qwen2.5-7b", "model.fsdp=false"], "model.param_dtype=float32 .* needs model.fsdp=true"),
     (["model.param_dtype=float64"], "model.param_dtype='float64' is not valid"),
-    (["model.fsdp=true", "async_level=2", "algo.is_truncate=8"], "model.fsdp=true supports async_level=0 only"),
+    (["model.fsdp=true", "async_level=2", "async_mode=pipeline", "algo.is_truncate=8"],
+     "model.fsdp=true does not run with async_mode=pipeline"),
 ])
 def test_precision_and_sharding_refusals(overrides, match):
     with pytest.raises(ConfigError, match=match) as e:
