@@ -41,7 +41,7 @@ def evaluate_run(run_dir: Path, n_samples: int | None = None, splits: list[str] 
     from klrl.config import validate
     from klrl.distributed import local_device
     from klrl.evaluate import evaluate
-    from klrl.models import load_model
+    from klrl.models import DTYPES, load_model
     from klrl.rundir import load_checkpoint, write_json
     from klrl.tasks import TASKS
     from klrl.trainer import step_seed
@@ -67,7 +67,7 @@ def evaluate_run(run_dir: Path, n_samples: int | None = None, splits: list[str] 
         raise ConfigError(f"--split {unknown[0]!r} is not valid; choose from: {', '.join(available)}")
     model, tokenizer = load_model(cfg.model, task, cfg.task, cfg.cache_dir)
     model.load_state_dict(ckpt["model"])
-    model.to(local_device(cfg.device))
+    model.to(local_device(cfg.device), DTYPES[cfg.model.dtype])  # float32 masters (FSDP runs) evaluate as trained
     step = ckpt["step"]
     metrics = evaluate(model, tokenizer, task, {s: available[s] for s in chosen}, cfg,
                        seed=step_seed(cfg.seed, 10**9 + step))
