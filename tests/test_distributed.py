@@ -144,6 +144,15 @@ def test_fsdp_run_resumes_exactly_and_matches_data_parallel(tmp_path, lag):
     assert shards == ([f"ring-step{s}-rank{r}of2.pt" for s in (2, 3) for r in (0, 1)] if lag else [])
 
 
+def test_fsdp_with_activation_checkpointing_computes_the_same_steps(tmp_path):
+    train = lambda d: [r for r in read_metrics(d) if r["kind"] == "train"]
+    _torchrun(tmp_path, "model.fsdp=true", "steps=2", f"hydra.run.dir={tmp_path / 'plain'}")
+    _torchrun(tmp_path, "model.fsdp=true", "model.gradient_checkpointing=true", "steps=2", f"hydra.run.dir={tmp_path / 'gc'}")
+    for a, b in zip(train(tmp_path / "plain"), train(tmp_path / "gc"), strict=True):
+        for k in ("loss", "grad_norm", "kl/exact", "reward"):
+            assert abs(a[k] - b[k]) < 1e-6 * max(1, abs(a[k])), (a["step"], k)
+
+
 def _precision_worker(rank, out_path, cache, fsdp):
     os.environ["KLRL_CACHE"] = cache
     cfg = compose_cfg(*OVERRIDES, "optim.lr=1e-6", *(["model.fsdp=true", "model.param_dtype=float32"] if fsdp else []),
