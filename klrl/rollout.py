@@ -153,7 +153,9 @@ def token_logprobs(logits: Tensor, tokens: Tensor, mask: Tensor) -> Tensor:
 def kl_and_entropy(logits: Tensor, ref_logits: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
     """Per sequence: exact sum_t KL(pi(.|s_t)||pi_ref(.|s_t)), and the summed per-token entropy."""
     with torch.no_grad():
-        kl, ent = exact_token_kl(logits, ref_logits)
+        # One sequence at a time: its float32 [R, V] temporaries over a 150k vocabulary are already GBs.
+        kls, ents = zip(*(exact_token_kl(a, b) for a, b in zip(logits.split(1), ref_logits.split(1))))
+        kl, ent = torch.cat(kls), torch.cat(ents)
         real = mask.to(kl.device) > 0
         zero = torch.zeros_like(kl)
         return torch.where(real, kl, zero).sum(-1), torch.where(real, ent, zero).sum(-1)
