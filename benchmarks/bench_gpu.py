@@ -21,6 +21,7 @@ from klrl.distributed import setup, shard
 from klrl.generation import make_generator
 from klrl.models import build_char_tokenizer
 from klrl.trainer import Batch, update
+from report import save  # benchmarks/report.py
 
 # Qwen2.5 shapes from their published configs; vocab 151936 (what the logits and the embedding cost).
 SHAPES = {
@@ -64,8 +65,8 @@ def main() -> None:
     ref.load_state_dict(model.state_dict())
     model.activation_checkpointing_enable()  # as the paper model configs do
     if fsdp:
-        shard(model, device, "bfloat16")
-        shard(ref, device, "bfloat16")
+        shard(model, device, torch.bfloat16)
+        shard(ref, device, torch.bfloat16)
     tok = build_char_tokenizer()  # only its pad / eos ids matter: prompts are random ids, nothing is decoded
     B = a.prompts * a.group
     prompts = torch.randint(3, mc.vocab_size, (B, a.prompt_len)).tolist()
@@ -101,8 +102,7 @@ def main() -> None:
         "train_peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
         "grad_norm": rec["grad_norm"],
     }
-    out = Path(__file__).parent / "results" / f"gpu-{a.shape}{'-purebf16' if a.pure_bf16 else ''}.json"
-    out.write_text(json.dumps(res, indent=2) + "\n")
+    save(res, f"gpu-{a.shape}{'-purebf16' if a.pure_bf16 else ''}")
     print(json.dumps(res, indent=2))
 
 

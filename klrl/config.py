@@ -243,7 +243,7 @@ def _generation(cfg: DictConfig) -> None:
 
 def validate(cfg: DictConfig) -> None:
     """Reject bad values and silently-inert combinations. Cheap: touches no model and no data."""
-    from klrl.models import SOURCES
+    from klrl.models import DTYPES, SOURCES
     from klrl.tasks import TASKS
 
     _choice("estimator", cfg.estimator.name, ESTIMATOR_CHOICES)
@@ -259,10 +259,10 @@ def validate(cfg: DictConfig) -> None:
         if not torch.cuda.is_available():
             raise ConfigError("device=cuda but no CUDA device is visible here; use device=auto or device=cpu")
     _generation(cfg)
-    _choice("model.dtype", cfg.model.dtype, ("float32", "bfloat16", "float16"))
+    _choice("model.dtype", cfg.model.dtype, tuple(DTYPES))
     m = cfg.model
     if m.param_dtype is not None:
-        _choice("model.param_dtype", m.param_dtype, ("float32", "bfloat16", "float16"))
+        _choice("model.param_dtype", m.param_dtype, tuple(DTYPES))
         if m.param_dtype != m.dtype and not m.fsdp:
             raise ConfigError(f"model.param_dtype={m.param_dtype} (master weights apart from model.dtype={m.dtype}) needs "
                               "model.fsdp=true, whose mixed-precision policy casts them; or drop model.param_dtype")

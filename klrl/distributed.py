@@ -52,6 +52,10 @@ class Dist:
         dist.all_reduce(t)
         return {k: v / self.world for k, v in zip(keys, t.tolist())}
 
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
     def average_gradients(self, model: torch.nn.Module) -> None:
         if self.world == 1 or self.sharded:
             return
@@ -79,17 +83,14 @@ def setup(device: torch.device, fsdp: bool = False) -> Dist:
     return Dist(dist.get_rank(), dist.get_world_size(), sharded=fsdp)
 
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def shard(model: torch.nn.Module, device: torch.device, compute_dtype: str) -> torch.nn.Module:
+def shard(model: torch.nn.Module, device: torch.device, compute_dtype: torch.dtype) -> torch.nn.Module:
     """FSDP2 in place: every decoder layer (the model's `_no_split_modules`) is one unit, the root holds the rest.
     Forward and backward run in compute_dtype, gradients are reduced in float32, master weights stay as loaded."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    mp = MixedPrecisionPolicy(param_dtype=DTYPES[compute_dtype], reduce_dtype=torch.float32)
+    mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
     layer_types = set(getattr(model, "_no_split_modules", None) or ())
     layers = [m for m in model.modules() if type(m).__name__ in layer_types]
     if not layers:

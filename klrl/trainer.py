@@ -246,10 +246,11 @@ def train(cfg: DictConfig, run_dir: Path) -> str:
     lagged = cfg.async_level > 0 and cfg.async_mode == "sim"
     behaviour = copy.deepcopy(ref) if lagged else None  # the lag ring's sampler; copied before FSDP, which can't be
     if cfg.model.fsdp:  # the optimizer must be built on the sharded parameters
-        shard(model, device, cfg.model.dtype)
+        compute = DTYPES[cfg.model.dtype]
+        shard(model, device, compute)
         for frozen in (ref, behaviour):  # no master copy needed: held in the compute dtype
             if frozen is not None:
-                shard(frozen.to(DTYPES[cfg.model.dtype]), device, cfg.model.dtype)
+                shard(frozen.to(compute), device, compute)
     elif cfg.model.dtype in ("bfloat16", "float16") and dist.main:
         log.warning("training in pure %s: AdamW updates smaller than ~0.4%% of a weight are rounded away; "
                     "model.fsdp=true model.param_dtype=float32 keeps float32 master weights", cfg.model.dtype)
@@ -302,7 +303,7 @@ def train(cfg: DictConfig, run_dir: Path) -> str:
         extra = {"config": comparable(cfg)}
         if ring is not None and dist.sharded:
             save_ring_shard(run_dir, step, dist.rank, dist.world, ring.state())
-            dist.sum(0.0)  # every shard is on disk before the checkpoint that refers to them
+            dist.barrier()  # every shard is on disk before the checkpoint that refers to them
             extra["ring_shards"] = dist.world
         elif ring is not None:
             extra["ring"] = ring.state()

@@ -41,8 +41,8 @@ def _one_update(cfg, model, batch, dist, fsdp=False):
         for p in ref.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
     if fsdp:
-        shard(model, torch.device("cpu"), "float32")
-        shard(ref, torch.device("cpu"), "float32")
+        shard(model, torch.device("cpu"), torch.float32)
+        shard(ref, torch.device("cpu"), torch.float32)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     rec = update(batch, cfg, model, ref, opt, sched, kl_spec(cfg), pg_spec(cfg), dist)
@@ -165,8 +165,8 @@ def _precision_worker(rank, out_path, cache, fsdp):
     model, tok = load_model(cfg.model, task, cfg.task, cfg.cache_dir)
     ref = copy.deepcopy(model).requires_grad_(False)
     if fsdp:
-        shard(model, torch.device("cpu"), cfg.model.dtype)
-        shard(ref, torch.device("cpu"), cfg.model.dtype)
+        shard(model, torch.device("cpu"), torch.bfloat16)
+        shard(ref, torch.device("cpu"), torch.bfloat16)
     before = {k: v.float().clone() for k, v in state_dicts(model, torch.optim.SGD(model.parameters(), lr=1))[0].items()}
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=0.0)  # moves only what has a gradient
     batch = collect(0, cfg, make_generator(cfg, model, tok), tok, task, dist)
