@@ -16,9 +16,7 @@ instead of contending for the same cores. `--threads 2` gives the synchronous tr
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -32,6 +30,7 @@ from klrl.app import CONF_DIR
 from klrl.models import load_model
 from klrl.rundir import read_metrics
 from klrl.tasks import TASKS
+from report import machine, save  # benchmarks/report.py
 
 SKIP = 3
 COMMON = ["progress=false", "tensorboard=false", "eval.at_start=false", "ckpt_every=100000", "algo.is_truncate=8"]
@@ -105,15 +104,12 @@ def main() -> None:
     rows = [{"mode": m, **{k: round(v, 3) for k, v in s.items()}, "speedup": round(s["steps_per_s"] / base, 2)}
             for m, s in med.items()]
     res = {
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-                   f"{torch.get_num_threads()} threads",
+        "machine": machine(),
         "load_average_1m_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
         "steps": args.steps, "skipped_steps": SKIP, "repeats": args.repeats, "overrides": common,
         "rows": rows, "runs": results,
     }
-    out = Path(__file__).parent / "results" / "async.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(res, indent=2) + "\n")
+    save(res, "async")
     print(f"{res['machine']}; {args.steps} steps, median of {args.repeats}; "
           f"load average {res['load_average_1m_before_after']} (before, after)\n")
     print("| " + " | ".join(rows[0]) + " |\n|" + "---|" * len(rows[0]))

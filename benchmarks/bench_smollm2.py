@@ -6,9 +6,6 @@ decide whether a smollm2 grid fits. Prints a markdown table; writes benchmarks/r
 
 from __future__ import annotations
 
-import json
-import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -16,9 +13,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 from klrl.rundir import read_json, read_metrics
+from report import machine, print_metrics, save  # benchmarks/report.py
 
 DEFAULTS = ["model=smollm2-135m", "task=countdown", "steps=4", "algo.prompts_per_step=4", "algo.group_size=4",
             "task.max_new_tokens=256", "task.partial_credit=true", "task.eval_size=16", "eval.n_samples=1",
@@ -37,7 +33,7 @@ def main() -> None:
         steps = [r for r in read_metrics(run_dir) if r["kind"] == "train"]
     med = lambda k: statistics.median(r[k] for r in steps)  # noqa: E731
     res = {
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
+        "machine": machine(),
         "overrides": args,
         "wall_s": round(wall, 1),
         "step_s_median": round(med("time/step"), 2),
@@ -49,12 +45,8 @@ def main() -> None:
         "id_pass@1_start": summary["initial_eval"]["eval/id/pass@1"],
         "ood_pass@1_start": summary["initial_eval"]["eval/ood/pass@1"],
     }
-    out = Path(__file__).parent / "results" / "smollm2.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(res, indent=2) + "\n")
-    print("| metric | value |\n|---|---|")
-    for k, v in res.items():
-        print(f"| {k} | {v} |")
+    save(res, "smollm2")
+    print_metrics(res)
 
 
 if __name__ == "__main__":

@@ -6,9 +6,7 @@ gained, and generation / training throughput. Prints a markdown table; writes be
 
 from __future__ import annotations
 
-import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -16,9 +14,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 from klrl.rundir import read_json, read_metrics
+from report import machine, print_metrics, save  # benchmarks/report.py
 
 
 def run(args: list[str], cache: str, run_dir: Path) -> float:
@@ -37,8 +34,7 @@ def main() -> None:
         steps = [r for r in read_metrics(Path(tmp) / "warm") if r["kind"] == "train"][1:]
     med = lambda k: statistics.median(r[k] for r in steps)  # noqa: E731
     res = {
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-                   f"{torch.get_num_threads()} threads",
+        "machine": machine(),
         "overrides": extra,
         "wall_s_cold_cache": round(cold, 1),
         "wall_s_warm_cache": round(warm, 1),
@@ -51,12 +47,8 @@ def main() -> None:
         "generate_tokens_per_s_median": round(med("tokens_per_s/generate")),
         "train_tokens_per_s_median": round(med("tokens_per_s/train")),
     }
-    out = Path(__file__).parent / "results" / "train.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(res, indent=2) + "\n")
-    print("| metric | value |\n|---|---|")
-    for k, v in res.items():
-        print(f"| {k} | {v} |")
+    save(res, "train")
+    print_metrics(res)
 
 
 if __name__ == "__main__":
