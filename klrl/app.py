@@ -13,10 +13,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from klrl.config import ConfigError, register_configs
+from klrl.config import CONF_DIR, ConfigError, register_configs
 from klrl.rundir import SUMMARY, read_json, write_json
 
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 log = logging.getLogger("klrl")
 register_configs()
 

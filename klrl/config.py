@@ -8,13 +8,18 @@ model is built.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from klrl.distributions import Sampling
 from klrl.estimators import ESTIMATORS
 from klrl.losses import AGGREGATIONS, BASELINES, REWARD_FORMS, KLSpec, PGSpec
+
+
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 
 class ConfigError(ValueError):
@@ -82,8 +87,9 @@ class ArithTaskConfig(TaskConfig):
 
 @dataclass
 class EstimatorConfig:
-    name: str = MISSING  # none | k1 | k2 | k3
-    clamp: Optional[float] = None  # clamp of the log-ratio, off by default
+    name: str = MISSING  # none, or a registered estimator (klrl.estimators.ESTIMATORS)
+    clamp_log_ratio: Optional[float] = None  # clamp delta = log(pi/pi_ref) to +-c before the estimator; off by default
+    clamp_value: Optional[float] = None  # clamp the per-token estimate to +-c; off by default
 
 
 @dataclass
@@ -101,6 +107,7 @@ class AlgoConfig:
     group_size: int = 8
     prompts_per_step: int = 32
     agg: str = "seq_sum"
+    agg_norm: Optional[float] = None  # seq_mean_token_sum_norm's constant; None = task.max_new_tokens (Dr. GRPO)
     updates_per_batch: int = 1  # > 1 needs ratio_clip: several optimizer steps on one batch, PPO style
     ratio_clip: Optional[float] = None
     is_truncate: Optional[float] = None
@@ -120,7 +127,9 @@ class OptimConfig:
 @dataclass
 class EvalConfig:
     every: int = 0  # 0 = only at the start and at the end
-    n_samples: int = 4  # samples per problem at temperature 1.0 for pass@1
+    n_samples: int = 4  # samples per problem for pass@1
+    temperature: float = 1.0  # pass@1 sampling, independent of training's (the paper's protocol: T = 1, top-p 1)
+    top_p: float = 1.0
     greedy: bool = True
     bootstrap: int = 1000
     at_start: bool = True
@@ -168,8 +177,13 @@ class TrainConfig:
 
 
 def register_configs() -> None:
-    """Schemas into Hydra's ConfigStore. Each task and model source brings its own (`schema` attribute), stored as
-    `<group>/<name>_schema` for its YAML to list first in its defaults."""
+    """Schemas and generated options into Hydra's ConfigStore (idempotent: composing code calls it again, so that
+    an estimator registered at run time is a config choice too).
+
+    - every registered estimator is an option of the `estimator` group (`estimator=k3+`): adding one takes one
+      function in klrl.estimators, no YAML;
+    - each task and model source brings its own schema (`schema` attribute), stored as `<group>/<name>_schema` for
+      its YAML to list first in its defaults."""
     from klrl.models import SOURCES
     from klrl.tasks import TASKS
 
@@ -179,12 +193,11 @@ def register_configs() -> None:
         cs.store(group="model", name=f"{name}_schema", node=source.schema)
     for name, task in TASKS.items():
         cs.store(group="task", name=f"{name}_schema", node=task.schema)
-    cs.store(group="estimator", name="estimator_schema", node=EstimatorConfig)
-    cs.store(group="placement", name="placement_schema", node=PlacementConfig)
-    cs.store(group="algo", name="algo_schema", node=AlgoConfig)
+    for name in ESTIMATORS:
+        cs.store(group="estimator", name=name, node=EstimatorConfig(name=name))
 
 
-ESTIMATOR_CHOICES = ("none", *ESTIMATORS)
+
 PLACEMENTS = {"none": (False, False), "reward": (True, False), "loss": (False, True), "both": (True, True)}
 
 
@@ -205,13 +218,25 @@ def kl_spec(cfg: DictConfig) -> KLSpec:
         reward_is_weight=bool(p.reward_is_weight),
         in_loss=in_loss,
         loss_is_weight=bool(p.loss_is_weight),
-        clamp=cfg.estimator.clamp,
+        clamp_log_ratio=cfg.estimator.get("clamp_log_ratio"),
+        clamp_value=cfg.estimator.get("clamp_value"),
     )
 
 
-def pg_spec(cfg: DictConfig) -> PGSpec:
+def pg_spec(cfg: DictConfig, budget: int | None = None) -> PGSpec:
+    """The policy-gradient side of the loss. budget: the generation budget that seq_mean_token_sum_norm divides by
+    when algo.agg_norm is unset (default task.max_new_tokens; the audit's toy passes its own length)."""
     a = cfg.algo
-    return PGSpec(baseline=a.baseline, agg=a.agg, ratio_clip=a.ratio_clip, is_truncate=a.is_truncate)
+    norm = None
+    if a.agg == "seq_mean_token_sum_norm":
+        norm = float(a.get("agg_norm") or (budget if budget is not None else cfg.task.max_new_tokens))
+    return PGSpec(baseline=a.baseline, agg=a.agg, agg_norm=norm, ratio_clip=a.ratio_clip, is_truncate=a.is_truncate)
+
+
+def sampling_spec(cfg: DictConfig) -> Sampling:
+    """How training samples (and so which distribution it trains): generation.temperature / top_p."""
+    g = cfg.get("generation") or {}
+    return Sampling(float(g.get("temperature", 1.0)), float(g.get("top_p", 1.0)))
 
 
 def _generation(cfg: DictConfig) -> None:
@@ -246,7 +271,7 @@ def validate(cfg: DictConfig) -> None:
     from klrl.models import DTYPES, SOURCES
     from klrl.tasks import TASKS
 
-    _choice("estimator", cfg.estimator.name, ESTIMATOR_CHOICES)
+    _choice("estimator", cfg.estimator.name, ("none", *ESTIMATORS))  # the registry as it is now
     _choice("placement", cfg.placement.name, tuple(PLACEMENTS))
     _choice("algo.baseline", cfg.algo.baseline, BASELINES)
     _choice("algo.agg", cfg.algo.agg, AGGREGATIONS)
@@ -296,8 +321,10 @@ def validate(cfg: DictConfig) -> None:
         _choice("placement.reward_form", p.reward_form, REWARD_FORMS)
     if p.reward_is_weight and p.reward_form == "togo":
         raise ConfigError("placement.reward_is_weight=true applies to the seqsum form only; set placement.reward_form=seqsum")
-    if cfg.estimator.clamp is not None and (est == "none" or cfg.estimator.clamp <= 0):
-        raise ConfigError(f"estimator.clamp={cfg.estimator.clamp} needs an estimator and a positive value")
+    for key in ("clamp_log_ratio", "clamp_value"):
+        c = cfg.estimator.get(key)
+        if c is not None and (est == "none" or not c > 0):
+            raise ConfigError(f"estimator.{key}={c} needs an estimator and a positive value")
 
     a = cfg.algo
     if a.group_size < 2 and a.baseline != "none":
@@ -314,6 +341,12 @@ def validate(cfg: DictConfig) -> None:
         )
     if a.ratio_clip is not None and a.is_truncate is not None:
         raise ConfigError("algo.ratio_clip and algo.is_truncate are alternatives; set only one")
+    if a.get("agg_norm") is not None:
+        if a.agg != "seq_mean_token_sum_norm":
+            raise ConfigError(f"algo.agg_norm={a.agg_norm} has no effect with algo.agg={a.agg}; it needs "
+                              "algo.agg=seq_mean_token_sum_norm")
+        if not a.agg_norm > 0:
+            raise ConfigError(f"algo.agg_norm={a.agg_norm} must be > 0 (the generation budget, in tokens)")
     if a.micro_batch_size is not None and (a.micro_batch_size < 1 or a.micro_batch_size % a.group_size):
         raise ConfigError(f"algo.micro_batch_size={a.micro_batch_size} must be a positive multiple of group_size={a.group_size}")
     _choice("async_mode", cfg.async_mode, ("sim", "pipeline"))
@@ -333,8 +366,10 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"optim.lr={cfg.optim.lr} must be > 0")
     if cfg.eval.n_samples < 1 or cfg.eval.every < 0:
         raise ConfigError(f"eval.n_samples={cfg.eval.n_samples} / eval.every={cfg.eval.every} must be >= 1 / >= 0")
-    if cfg.generation.temperature <= 0 or not 0 < cfg.generation.top_p <= 1:
-        raise ConfigError("generation.temperature must be > 0 and generation.top_p in (0, 1]")
+    for where in ("generation", "eval"):
+        t, p = cfg[where].temperature, cfg[where].top_p
+        if not t > 0 or not 0 < p <= 1:
+            raise ConfigError(f"{where}.temperature={t} / {where}.top_p={p}: need temperature > 0 and top_p in (0, 1]")
     if cfg.task.eval_size < 1:  # every task's eval splits are cut to this size
         raise ConfigError(f"task.eval_size={cfg.task.eval_size} must be >= 1")
     TASKS[cfg.task.name].check(cfg.task)

@@ -40,7 +40,7 @@ def evaluate_run(run_dir: Path, n_samples: int | None = None, splits: list[str] 
 
     from klrl.config import validate
     from klrl.distributed import local_device
-    from klrl.evaluate import evaluate
+    from klrl.evaluate import eval_sampling, evaluate
     from klrl.models import DTYPES, load_model
     from klrl.rundir import load_checkpoint, write_json
     from klrl.tasks import TASKS
@@ -71,7 +71,8 @@ def evaluate_run(run_dir: Path, n_samples: int | None = None, splits: list[str] 
     step = ckpt["step"]
     metrics = evaluate(model, tokenizer, task, {s: available[s] for s in chosen}, cfg,
                        seed=step_seed(cfg.seed, 10**9 + step))
-    result = {"step": step, "n_samples": cfg.eval.n_samples, "splits": chosen, "metrics": metrics}
+    result = {"step": step, "n_samples": cfg.eval.n_samples, "eval_sampling": eval_sampling(cfg), "splits": chosen,
+              "metrics": metrics}
     write_json(run_dir / EVAL_JSON, result)
     return result
 

@@ -1,5 +1,6 @@
-"""Evaluation: pass@1 averaged over n samples at temperature 1 (the paper's protocol) and greedy accuracy, each
-with a bootstrap confidence interval over problems."""
+"""Evaluation: pass@1 averaged over n samples per problem at `eval.temperature` / `eval.top_p` (default 1.0 / 1.0,
+the paper's protocol; independent of training's sampling) and greedy accuracy, each with a bootstrap confidence
+interval over problems."""
 
 from __future__ import annotations
 
@@ -40,6 +41,11 @@ def score_problems(generator: Generator, tokenizer, task: Task, problems: Sequen
     return scores
 
 
+def eval_sampling(cfg) -> dict[str, float]:
+    """How pass@1 samples: recorded beside every evaluation (summary.json, eval.json, `klrl table`)."""
+    return {"temperature": float(cfg.eval.temperature), "top_p": float(cfg.eval.top_p)}
+
+
 def evaluate(model, tokenizer, task: Task, splits: dict[str, Sequence[Problem]], cfg, seed: int,
              generator: Generator | None = None) -> dict[str, float]:
     """Metrics named eval/<split>/<pass@1|greedy>[_lo|_hi]. `generator` must hold `model`'s weights; without one,
@@ -55,7 +61,7 @@ def evaluate(model, tokenizer, task: Task, splits: dict[str, Sequence[Problem]],
             for name, greedy in modes:
                 torch.manual_seed(seed)
                 s = score_problems(gen, tokenizer, task, problems, cfg.eval.n_samples, greedy, cfg.task.max_new_tokens,
-                                   cfg.model.chat_template, cfg.generation.temperature, cfg.generation.top_p,
+                                   cfg.model.chat_template, cfg.eval.temperature, cfg.eval.top_p,
                                    chunk=cfg.eval.batch_size)
                 lo, hi = bootstrap_ci(s, cfg.eval.bootstrap, seed=seed)
                 out[f"eval/{split}/{name}"] = float(s.mean())

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from klrl.config import ConfigError
 from klrl.distributed import gathered
-from klrl.rollout import Rollout, generate, rollout_from_tokens
+from klrl.rollout import Rollout, end_ids, generate, rollout_from_tokens
 
 VLLM_MEMORY = 0.4  # default share of the GPU for vLLM (weights + KV cache); the trainer keeps the rest
 
@@ -94,7 +94,7 @@ class VLLMGenerator:
         root = Path(cfg.cache_dir) / "vllm"
         root.mkdir(parents=True, exist_ok=True)
         self.dir = Path(tempfile.mkdtemp(prefix="engine-", dir=root))
-        self.pad, self.eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+        self.pad, self.ends = tokenizer.pad_token_id, end_ids(model, tokenizer)
         try:
             model.config.save_pretrained(self.dir)
             tokenizer.save_pretrained(self.dir)
@@ -107,6 +107,9 @@ class VLLMGenerator:
                 # No model generation defaults (extra EOS ids, penalties) merged into the explicit sampling
                 # parameters below, which mirror the hf backend's.
                 generation_config="vllm",
+                # Log-probs of the distribution sampled from (after temperature and top-p), which is what the
+                # trainer scores (klrl.distributions); vLLM's default reports the raw softmax(z).
+                logprobs_mode="processed_logprobs",
                 seed=cfg.seed,
                 gpu_memory_utilization=VLLM_MEMORY if v.gpu_memory_utilization is None else v.gpu_memory_utilization,
                 enforce_eager=bool(v.enforce_eager),
@@ -135,18 +138,18 @@ class VLLMGenerator:
 
         # One seed per request from torch's generator: the caller's torch.manual_seed fixes the samples, as for hf.
         base = int(torch.randint(0, 2**31 - 1, ()).item())
-        # logprobs=0: only the sampled token's, raw (before temperature / top_p, vLLM's default logprobs_mode), the
-        # same distribution the trainer's token_logprobs scores. EOS stops a row and is kept, as hf does.
+        # logprobs=0: only the sampled token's, of the processed (tempered, nucleus-cut) distribution, the one the
+        # trainer's sampler_logits scores. Every end id stops a row and is kept, as hf does.
         params = [
             SamplingParams(temperature=0.0 if greedy else temperature, top_p=1.0 if greedy else top_p,
-                           max_tokens=max_new_tokens, stop_token_ids=[self.eos], logprobs=0, detokenize=False,
+                           max_tokens=max_new_tokens, stop_token_ids=self.ends, logprobs=0, detokenize=False,
                            seed=base + i)
             for i in range(len(prompt_ids))
         ]
         outs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompt_ids], params, use_tqdm=False)
         responses = [list(o.outputs[0].token_ids) for o in outs]
         logps = [[pos[t].logprob for t, pos in zip(r, o.outputs[0].logprobs)] for r, o in zip(responses, outs)]
-        return rollout_from_tokens(prompt_ids, responses, self.pad, self.eos, logps)
+        return rollout_from_tokens(prompt_ids, responses, self.pad, logps)
 
     def close(self) -> None:
         from vllm.distributed import cleanup_dist_env_and_memory

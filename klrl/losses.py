@@ -15,10 +15,10 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from klrl.estimators import ESTIMATORS, log_ratio
+from klrl.estimators import kl_values
 
 BASELINES = ("rloo", "grpo", "dr_grpo", "none")
-AGGREGATIONS = ("seq_sum", "token_mean", "seq_mean_token_mean")
+AGGREGATIONS = ("seq_sum", "token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
 REWARD_FORMS = ("seqsum", "togo")
 
 
@@ -33,7 +33,8 @@ class KLSpec:
     reward_is_weight: bool = False
     in_loss: bool = False
     loss_is_weight: bool = False
-    clamp: float | None = None
+    clamp_log_ratio: float | None = None  # clamp delta to +-c before the estimator (None = off)
+    clamp_value: float | None = None  # clamp the estimate to +-c (None = off)
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,7 @@ class PGSpec:
 
     baseline: str = "rloo"
     agg: str = "seq_sum"
+    agg_norm: float | None = None  # seq_mean_token_sum_norm's constant: the generation budget (max new tokens)
     ratio_clip: float | None = None  # PPO epsilon; None = plain importance-weighted REINFORCE
     is_truncate: float | None = None  # cap on the token importance ratio (truncated IS); None = no cap
 
@@ -95,16 +97,21 @@ def pg_term(ratio: Tensor, adv: Tensor, pg: PGSpec) -> Tensor:
     return -ratio * adv
 
 
-def aggregate(per_token: Tensor, mask: Tensor, agg: str, token_norm: float | None = None) -> tuple[Tensor, Tensor]:
-    """Reduce masked per-token losses to (scalar, per-sequence contributions).
+def aggregate(per_token: Tensor, mask: Tensor, agg: str, token_norm: float | Tensor | None = None,
+              agg_norm: float | None = None) -> tuple[Tensor, Tensor]:
+    """Reduce masked per-token losses [B, T] to (scalar, [B] per-sequence contributions), scalar = per_seq.mean().
 
-    seq_sum:             mean_i sum_t l_it. The gradient of the sequence-level objective, unscaled (the paper's form).
-    token_mean:          sum_it l_it / sum_it m_it. Every token weighs the same; long responses weigh more.
-    seq_mean_token_mean: mean_i (sum_t l_it / T_i). Original GRPO; down-weights long responses' tokens.
+    seq_sum:                 mean_i sum_t l_it. The gradient of the sequence-level objective, unscaled (the paper's).
+    token_mean:              sum_it l_it / sum_it m_it. Every token weighs the same; long responses weigh more
+                             (TRL's `dapo`/`bnpo`, verl's `token-mean`).
+    seq_mean_token_mean:     mean_i (sum_t l_it / T_i). Original GRPO; down-weights long responses' tokens.
+    seq_mean_token_sum_norm: mean_i (sum_t l_it) / agg_norm, a constant (Dr. GRPO: the generation budget; verl's
+                             `seq-mean-token-sum-norm`, TRL's `dr_grpo`): seq_sum scaled by 1 / agg_norm.
     token_norm: tokens per sequence over the *whole* batch, so that token_mean stays exact when the batch is split
-    into micro-batches or data-parallel shards (default: this call's own mean).
+    into micro-batches or data-parallel shards (default: this call's own mean); a [B] tensor gives each row its
+    own (the audit's toys, where every group is a batch). ValueError for an unknown agg.
     """
-    per_token = per_token * mask
+    per_token = torch.where(mask > 0, per_token, torch.zeros_like(per_token))
     if agg == "seq_sum":
         per_seq = per_token.sum(-1)
     elif agg == "token_mean":
@@ -112,6 +119,10 @@ def aggregate(per_token: Tensor, mask: Tensor, agg: str, token_norm: float | Non
         per_seq = per_token.sum(-1) / norm
     elif agg == "seq_mean_token_mean":
         per_seq = per_token.sum(-1) / mask.sum(-1).clamp(min=1)
+    elif agg == "seq_mean_token_sum_norm":
+        if agg_norm is None or not agg_norm > 0:
+            raise ValueError(f"aggregation {agg} needs a positive agg_norm, got {agg_norm!r}")
+        per_seq = per_token.sum(-1) / agg_norm
     else:
         raise ValueError(f"unknown aggregation {agg!r}; choose from {', '.join(AGGREGATIONS)}")
     return per_seq.mean(), per_seq
@@ -126,7 +137,7 @@ def policy_loss(
     group_size: int,
     pg: PGSpec,
     kl: KLSpec,
-    token_norm: float | None = None,
+    token_norm: float | Tensor | None = None,
 ) -> LossOut:
     """The loss for one batch.
 
@@ -147,16 +158,21 @@ def policy_loss(
       loss:           + beta * k_t (pathwise term only), or + beta * rho_t * k_t with loss_is_weight, rho_t =
                       pi/pi_old differentiable (DeepSeek-V3.2); on-policy rho * k3 has the gradient of k2.
     """
+    real = mask > 0
     mask = mask.to(logp.dtype)
+    zero = torch.zeros_like(logp)
     stats: dict[str, Tensor] = {}
-    log_rho = (logp - old_logp) * mask
+    # Padding is masked *before* anything nonlinear: whatever log-probs it holds, exp or k3 of them never make a
+    # NaN (inf * 0) that the mask would then have to hide.
+    log_rho = torch.where(real, logp - old_logp, zero)
     ratio = torch.exp(log_rho)
     adv_rewards = rewards
     token_shift = torch.zeros_like(logp)
     extra = torch.zeros_like(logp)
 
     if kl.estimator is not None:
-        k = ESTIMATORS[kl.estimator](log_ratio(logp, ref_logp, kl.clamp)) * mask
+        delta = torch.where(real, logp - ref_logp, zero)
+        k = torch.where(real, kl_values(delta, kl.estimator, kl.clamp_log_ratio, kl.clamp_value), zero)
         if kl.in_reward:
             penalty = kl.beta * k.detach()
             if kl.reward_is_weight:
@@ -180,7 +196,7 @@ def policy_loss(
     adv = group_advantages(adv_rewards, group_size, pg.baseline)
     adv_tok = adv[:, None] - token_shift
     pg_tok = pg_term(ratio, adv_tok, pg)
-    loss, per_seq = aggregate(pg_tok + extra, mask, pg.agg, token_norm)
+    loss, per_seq = aggregate(pg_tok + extra, mask, pg.agg, token_norm, pg.agg_norm)
 
     with torch.no_grad():
         n = mask.sum().clamp(min=1)

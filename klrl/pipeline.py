@@ -76,7 +76,8 @@ def _generator_main(cfg_dict, shared, cond, version, stop, conn, start_step: int
                     loaded = v
             batch = collect(step, cfg, generator, tokenizer, task)
             t0 = time.perf_counter()
-            batch.old_logp = behaviour_logprobs(model, batch, cfg.algo.micro_batch_size or len(batch.rewards)).cpu()
+            batch.old_logp = behaviour_logprobs(model, batch, cfg.algo.micro_batch_size or len(batch.rewards),
+                                                cfg.generation.temperature, cfg.generation.top_p).cpu()
             batch.gen_time += time.perf_counter() - t0
             conn.send_bytes(_serialize(("batch", step, v, batch)))
             step += 1

@@ -14,7 +14,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import MissingConfigException
 
-from klrl.config import ConfigError, validate
+from klrl.config import ConfigError, register_configs, validate
 
 # Hydra flags that take a value, and flags after which we leave everything to Hydra.
 VALUE_FLAGS = {"--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd", "--experimental-rerun"}
@@ -72,6 +72,7 @@ def preflight(args: list[str], conf_dir: str) -> None:
     overrides, multirun, skip = split_args(args)
     if skip:
         return
+    register_configs()
     job_overrides = [o for o in overrides if not o.lstrip("+~").startswith("hydra")]
     try:
         jobs = expand(job_overrides, multirun)

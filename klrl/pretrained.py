@@ -1,8 +1,9 @@
 """`pretrained`: the `hf` source with the two things the paper's models need beyond it.
 
-- `eos_token`: the token that ends a response. Qwen2.5-7B (base) declares <|endoftext|> as its EOS, but under the
-  chat template a turn ends with <|im_end|>; without the override sampling runs on into invented turns until
-  max_new_tokens, and the checker reads an answer from them.
+- `eos_token`: the token(s) that end a response, replacing the checkpoint's own list (generation_config's
+  eos_token_id, which by default ends a response at every id it declares: Llama-3.1 declares three). Qwen2.5-7B
+  (base) declares <|endoftext|> only, but under the chat template a turn ends with <|im_end|>; without the override
+  sampling runs on into invented turns until max_new_tokens, and the checker reads an answer from them.
 With the hub switched off (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE), `check` wants the checkpoint in the cache
 already and says how to put it there, instead of a long traceback once the run has started.
 """
@@ -12,7 +13,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any
 
 from omegaconf import DictConfig
 
@@ -22,7 +23,7 @@ from klrl.tasks.hub import TRUE, hub_cache, in_hub_cache, is_local
 
 @dataclass
 class PretrainedModelConfig(HFModelConfig):
-    eos_token: Optional[str] = None  # None = the tokenizer's own
+    eos_token: Any = None  # a token or a list of tokens; None = the checkpoint's generation_config list
 
 
 class PretrainedSource:
@@ -33,6 +34,11 @@ class PretrainedSource:
         from klrl.models import HFSource
 
         HFSource.check(cfg)
+        eos = cfg.eos_token
+        tokens = [eos] if isinstance(eos, str) else list(eos) if eos is not None else []
+        if eos is not None and (not tokens or not all(isinstance(t, str) and t for t in tokens)):
+            raise ConfigError(f"model.eos_token={eos!r} is not valid; give a token or a list of tokens, e.g. "
+                              "'<|im_end|>' or [<|eot_id|>,<|eom_id|>]")
         hf_id = str(cfg.hf_id)
         off = any(os.environ.get(k, "").lower() in TRUE for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
         if off and not is_local(hf_id) and not in_hub_cache(hf_id, "models"):
@@ -45,9 +51,13 @@ class PretrainedSource:
         from klrl.models import HFSource
 
         model, tokenizer = HFSource.load(cfg, task, task_cfg, cache_dir)
-        if cfg.eos_token:
-            if cfg.eos_token not in tokenizer.get_vocab():
-                raise ConfigError(f"model.eos_token={cfg.eos_token!r} is not a token of {cfg.hf_id}")
-            tokenizer.eos_token = cfg.eos_token
-            model.generation_config.eos_token_id = tokenizer.eos_token_id
+        if cfg.eos_token is not None:
+            tokens = [cfg.eos_token] if isinstance(cfg.eos_token, str) else list(cfg.eos_token)
+            vocab = tokenizer.get_vocab()
+            for t in tokens:
+                if t not in vocab:
+                    raise ConfigError(f"model.eos_token={t!r} is not a token of {cfg.hf_id}")
+            tokenizer.eos_token = tokens[0]
+            ids = [vocab[t] for t in tokens]
+            model.generation_config.eos_token_id = ids[0] if isinstance(cfg.eos_token, str) else ids
         return model, tokenizer

@@ -25,8 +25,8 @@ is "diverged at step s" whatever its curves:
 
 w = min(`window`, number of logged training steps // 4), at least 1, so short runs are judged on their own scale.
 
-Table 1 (paper.md §3): one row per estimator x placement, with the on-policy gradient verdict from theory
-(`gradient_verdict`, paper.md §1.3-1.4), the stability counts over all its finished runs, and its performance rank per
+Table 1 (the paper's Table 1, arXiv 2512.21852): one row per estimator x placement x verdict, with the gradient
+verdict `klrl audit` computes for the runs' exact configuration (`gradient_verdict`), the stability counts over all its finished runs, and its performance rank per
 model: each configuration is represented by its best beta by in-domain pass@1, ranked by that pass@1 (ID rank) and by
 the out-of-domain pass@1 at that same beta (OOD rank); with several models the ranks are averaged.
 """
@@ -44,6 +44,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from klrl.estimators import ESTIMATORS
 from klrl.table_load import FINISHED, STATUSES, Run, load_sweep
 
 EVAL_METRICS = {  # column prefix -> key in a run's final_eval, without the "eval/" prefix
@@ -52,7 +53,7 @@ EVAL_METRICS = {  # column prefix -> key in a run's final_eval, without the "eva
     "id_greedy": "id/greedy",
     "ood_greedy": "ood/greedy",
 }
-ESTIMATOR_ORDER = ("none", "k1", "k2", "k3")
+ESTIMATOR_ORDER = ("none", *ESTIMATORS)  # the registry's order
 PLACEMENT_ORDER = ("none", "reward", "loss", "both")
 # Config keys that say how a run was executed, not what it computes; they never split rows.
 OPERATIONAL_KEYS = {"seed", "resume", "progress", "tensorboard", "device", "cache_dir", "ckpt_every"}
@@ -60,49 +61,18 @@ OPERATIONAL_KEYS = {"seed", "resume", "progress", "tensorboard", "device", "cach
 
 # --- theory -------------------------------------------------------------------------------------------------------
 
-# On-policy verdict on the gradient each configuration contributes to the sequence-level reverse KL objective,
-# paper.md §1.3 (k1/k3 x reward/loss/both, none) and §1.4 (k2 in loss: Tang & Munos' partial gradient).
-GRADIENT_VERDICTS = {
-    ("none", "none"): "no KL",
-    ("k1", "reward"): "unbiased",
-    ("k1", "loss"): "zero in expectation",
-    ("k1", "both"): "unbiased",
-    ("k2", "reward"): "biased (k2 value biased)",
-    ("k2", "loss"): "token-level partial",
-    ("k2", "both"): "biased",
-    ("k3", "reward"): "biased",
-    ("k3", "loss"): "biased (per-context forward KL)",
-    ("k3", "both"): "unbiased",
-}
+def gradient_verdict(cfg: dict) -> str:
+    """The Table 1 gradient column for a run's config: the exact verdict `klrl audit` computes for it
+    (klrl.audit.verdicts, on- or off-policy as the run trained), never typed here."""
+    from klrl.audit.verdicts import config_verdict, is_off_policy
 
-
-def gradient_verdict(estimator: str, placement: dict, off_policy: bool = False) -> str:
-    """The theory column of Table 1 for one estimator x placement (with its options).
-
-    On-policy, reward_form=togo and reward_is_weight leave the verdict unchanged: reward-to-go drops only past-token
-    terms of zero mean, and the sequence IS weight is 1. loss_is_weight (rho_t * k_t, paper.md §1.4) turns the
-    pathwise term of k1 and k3 into the token-level partial reverse-KL gradient; with k2, or next to a reward
-    placement, it is biased.
-    Off-policy (several updates per batch, or stale rollouts), none of these is unbiased for the sequence-level
-    reverse KL (paper.md §1.4) except the score-function term of k1 weighted by the sequence IS ratio
-    (reward_is_weight); the token-level IS weight in the loss still gives the token-level partial gradient.
-    """
-    name = placement.get("name", "?")
-    loss_is = bool(placement.get("loss_is_weight")) and name in ("loss", "both")
-    if estimator == "none" or name == "none":
-        return GRADIENT_VERDICTS.get((estimator, name), "unknown")
-    if loss_is:
-        return "token-level partial" if (estimator, name) in (("k1", "loss"), ("k3", "loss")) else "biased"
-    if off_policy:
-        unbiased = estimator == "k1" and name == "reward" and bool(placement.get("reward_is_weight"))
-        return "unbiased" if unbiased else "biased (off-policy)"
-    return GRADIENT_VERDICTS.get((estimator, name), "unknown")
-
-
-def is_off_policy(cfg: dict) -> bool:
-    """Whether the loss sees samples from a policy other than the current one (then the on-policy theory fails)."""
-    algo = cfg.get("algo") or {}
-    return int(algo.get("updates_per_batch") or 1) > 1 or int(cfg.get("async_level") or 0) > 0
+    if ((cfg.get("estimator") or {}).get("name") or "none") == "none":
+        return "no KL"
+    try:
+        v = config_verdict(cfg)
+    except Exception as e:  # a config from another klrl version (an estimator no longer registered, ...)
+        return f"unknown ({type(e).__name__})"
+    return f"{v.short} (off-policy)" if is_off_policy(cfg) else v.short
 
 
 def placement_label(placement: dict) -> str:
@@ -319,8 +289,7 @@ class Group:
     placement: str
     beta: float
     other: str
-    placement_cfg: dict
-    off_policy: bool
+    config: dict  # the first run's: every run of a group shares what decides the gradient
     runs: list[Run] = field(default_factory=list)
 
     @property
@@ -351,8 +320,7 @@ def group_runs(runs: list[Run]) -> tuple[list[Group], list[Run], list[str]]:
         model, est, place, beta = basic_key(r.config)
         other = _other(r.config, keys)
         g = groups.setdefault((model, est, place, beta, other),
-                              Group(model, est, place, beta, other, r.config.get("placement") or {},
-                                    is_off_policy(r.config)))
+                              Group(model, est, place, beta, other, r.config))
         g.runs.append(r)
     ordered = sorted(groups.values(), key=lambda g: (g.model, _order(g.estimator, ESTIMATOR_ORDER),
                                                      _order(g.placement, PLACEMENT_ORDER), g.beta, g.other))
@@ -371,7 +339,7 @@ def row_of(g: Group, rule: CollapseRule) -> dict:
     completed = [r for r in g.runs if r.status == "completed"]
     verdicts = [run_stability(r, rule) for r in g.runs if r.status in FINISHED]
     row: dict = {"model": g.model, "estimator": g.estimator, "placement": g.placement, "beta": g.beta,
-                 "other": g.other, "gradient": gradient_verdict(g.estimator, g.placement_cfg, g.off_policy),
+                 "other": g.other, "gradient": gradient_verdict(g.config),
                  "runs": len(g.runs)}
     for s in STATUSES:
         row[s] = sum(r.status == s for r in g.runs)

@@ -26,18 +26,20 @@ from torch import Tensor
 from klrl.config import ConfigError, kl_spec, pg_spec, validate
 from klrl.distributed import Dist, gathered, load_state_dicts, local_device, setup, shard, state_dicts
 from klrl.estimators import sequence_estimates
-from klrl.evaluate import evaluate
+from klrl.evaluate import eval_sampling, evaluate
 from klrl.generation import Generator, logprob_mismatch, make_generator
 from klrl.lag import SnapshotRing
 from klrl.losses import policy_loss
 from klrl.models import DTYPES, load_model
+from klrl.distributions import token_logprobs
 from klrl.rollout import (
     Rollout,
     decode_responses,
     encode_prompts,
     kl_and_entropy,
-    response_logits,
-    token_logprobs,
+    policy_logprobs,
+    sampler_logits,
+    support_of,
 )
 from klrl.rundir import (
     CHECKPOINT,
@@ -111,13 +113,12 @@ def collect(step: int, cfg, generator: Generator, tokenizer, task, dist: Dist = 
 
 
 @torch.no_grad()
-def behaviour_logprobs(policy, batch: Batch, micro: int) -> Tensor:
-    """log-probs of the sampled tokens under the policy that generated them (recomputed by a forward pass)."""
-    device = next(policy.parameters()).device
+def behaviour_logprobs(policy, batch: Batch, micro: int, temperature: float = 1.0, top_p: float = 1.0) -> Tensor:
+    """log-probs of the sampled tokens under the sampling distribution of the policy that generated them
+    (recomputed by a forward pass), [B, R]."""
     out = []
     for i in range(0, len(batch.rewards), micro):
-        part = batch.rollout.select(slice(i, i + micro))
-        out.append(token_logprobs(response_logits(policy, part), part.responses, part.response_mask.to(device)))
+        out.append(policy_logprobs(policy, batch.rollout.select(slice(i, i + micro)), temperature, top_p))
     return torch.cat(out)
 
 
@@ -134,9 +135,10 @@ def update(batch: Batch, cfg, model, ref, optimizer, scheduler, kl, pg, dist: Di
     n_tok_local = ro.response_mask.sum().item()
     n_tok = dist.sum(n_tok_local)
     token_norm = n_tok / (B * dist.world)
+    T, top_p = cfg.generation.temperature, cfg.generation.top_p
     old = batch.old_logp
     if old is None and U > 1:  # later updates are off-policy: keep the sampling policy's log-probs
-        old = behaviour_logprobs(model, batch, mb)
+        old = behaviour_logprobs(model, batch, mb, T, top_p)
     ref_lp: list = [None] * len(chunks)
     logged: dict = defaultdict(float)
     grad_norms = []
@@ -148,13 +150,13 @@ def update(batch: Batch, cfg, model, ref, optimizer, scheduler, kl, pg, dist: Di
             part = ro.select(c)
             w = (c.stop - c.start) / B
             mask = part.response_mask.to(device)
-            logits = response_logits(model, part)
+            logits = sampler_logits(model, part, T, top_p)
             logp = token_logprobs(logits, part.responses, mask)
             if not torch.isfinite(logp).all():
                 bad = bad or "non-finite log-probs"
             if u == 0:
                 with torch.no_grad():
-                    ref_logits = response_logits(ref, part)
+                    ref_logits = sampler_logits(ref, part, T, top_p, support=support_of(logits, top_p))
                     ref_lp[j] = token_logprobs(ref_logits, part.responses, mask)
                     exact_kl, ent = kl_and_entropy(logits.detach(), ref_logits, mask)
                     del ref_logits
@@ -278,9 +280,13 @@ def train(cfg: DictConfig, run_dir: Path) -> str:
         log.info("resumed from step %d", start)
 
     kl, pg = kl_spec(cfg), pg_spec(cfg)
+    if kl.in_reward and pg.baseline == "grpo" and dist.main:
+        log.warning("algo.baseline=grpo with the KL in the reward: the group std rescales the penalty, so its strength "
+                    "depends on the task reward's spread, not only on beta (README: `klrl audit algo=grpo`)")
     splits = task.eval_splits()
     metrics = MetricsLog(run_dir, start, cfg.steps, cfg.tensorboard, cfg.progress) if dist.main else NullLog()
-    summary = {"status": "running", "step": start, "steps": cfg.steps, "run_dir": str(run_dir), "config": comparable(cfg)}
+    summary = {"status": "running", "step": start, "steps": cfg.steps, "run_dir": str(run_dir), "config": comparable(cfg),
+               "eval_sampling": eval_sampling(cfg)}
 
     def write_summary() -> None:
         if dist.main:
@@ -323,7 +329,8 @@ def train(cfg: DictConfig, run_dir: Path) -> str:
             behaviour, staleness = ring.policy()
             generator.sync(behaviour)
             batch = collect(step, cfg, generator, tokenizer, task, dist)
-            batch.old_logp = behaviour_logprobs(behaviour, batch, cfg.algo.micro_batch_size or len(batch.rewards))
+            batch.old_logp = behaviour_logprobs(behaviour, batch, cfg.algo.micro_batch_size or len(batch.rewards),
+                                                cfg.generation.temperature, cfg.generation.top_p)
             batch.staleness = staleness
         ro = batch.rollout
         if ro.sampler_logp is not None:  # the engine's own log-probs: compare with ours for the same weights
@@ -332,7 +339,7 @@ def train(cfg: DictConfig, run_dir: Path) -> str:
             else:  # one prompt group: a forward pass over G sequences, a small share of the step
                 part = ro.select(slice(0, cfg.algo.group_size))
                 with torch.no_grad():
-                    ours = token_logprobs(response_logits(model, part), part.responses, part.response_mask)
+                    ours = policy_logprobs(model, part, cfg.generation.temperature, cfg.generation.top_p)
             batch.stats = dist.mean_dict(logprob_mismatch(part.sampler_logp, ours, part.response_mask))
         return batch
 

@@ -103,7 +103,7 @@ def test_rollout_from_tokens_equals_the_hf_rollout(tiny):
     with torch.no_grad():
         lp = token_logprobs(response_logits(model, ro), ro.responses, ro.response_mask)
     logps = [lp[i, : ends[i]].tolist() for i in range(len(prompts))]
-    rebuilt = rollout_from_tokens(prompts, responses, tok.pad_token_id, tok.eos_token_id, logps)
+    rebuilt = rollout_from_tokens(prompts, responses, tok.pad_token_id, logps)
     assert same(rebuilt, ro)
     torch.testing.assert_close(rebuilt.sampler_logp, lp, rtol=0, atol=0)
     assert logprob_mismatch(rebuilt.sampler_logp, lp, ro.response_mask) == {

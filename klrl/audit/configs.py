@@ -43,31 +43,45 @@ class AuditConfig:
         return " ".join(out)
 
 
-def _make(est: str, placement: str, form: str | None, r_is: bool, l_is: bool, beta: float) -> AuditConfig:
+def config_name(est: str, placement: str, form: str | None, r_is: bool, l_is: bool) -> str:
     suffix = ("+togo" if form == "togo" else "") + ("+seqIS" if r_is else "") + ("+tokIS" if l_is else "")
-    name = f"{est}-{placement}{suffix}"
+    return f"{est}-{placement}{suffix}"
+
+
+def _make(est: str, placement: str, form: str | None, r_is: bool, l_is: bool, beta: float,
+          clamps: tuple[float | None, float | None] = (None, None)) -> AuditConfig:
     # Through kl_spec, so that the audit cannot drift from what `klrl train` builds from the same choices.
     cfg = OmegaConf.create({
         "beta": beta,
-        "estimator": {"name": est, "clamp": None},
+        "estimator": {"name": est, "clamp_log_ratio": clamps[0], "clamp_value": clamps[1]},
         "placement": {"name": placement, "reward_form": form, "reward_is_weight": r_is, "loss_is_weight": l_is},
     })
-    return AuditConfig(name, est, placement, form, r_is, l_is, kl_spec(cfg))
+    return AuditConfig(config_name(est, placement, form, r_is, l_is), est, placement, form, r_is, l_is, kl_spec(cfg))
 
 
-def all_configs(beta: float = 1.0) -> list[AuditConfig]:
-    """The 33 configurations: per estimator 3 reward forms, 2 loss forms, 3 x 2 combined."""
+def all_configs(beta: float = 1.0, clamps: tuple[float | None, float | None] = (None, None)) -> list[AuditConfig]:
+    """Every configuration of every registered estimator: 3 reward forms, 2 loss forms, 3 x 2 combined (11 each)."""
     out = []
     for est in ESTIMATORS:
-        out += [_make(est, "reward", f, r, False, beta) for f, r in REWARD_VARIANTS]
-        out += [_make(est, "loss", None, False, l, beta) for l in (False, True)]
-        out += [_make(est, "both", f, r, l, beta) for f, r in REWARD_VARIANTS for l in (False, True)]
+        out += [_make(est, "reward", f, r, False, beta, clamps) for f, r in REWARD_VARIANTS]
+        out += [_make(est, "loss", None, False, l, beta, clamps) for l in (False, True)]
+        out += [_make(est, "both", f, r, l, beta, clamps) for f, r in REWARD_VARIANTS for l in (False, True)]
     return out
 
 
-def select(patterns: list[str] | None, beta: float = 1.0) -> list[AuditConfig]:
+def from_config(cfg) -> AuditConfig:
+    """The KL configuration a composed `klrl train` config selects."""
+    p = cfg.placement
+    form = p.get("reward_form") or ("seqsum" if p.name in ("reward", "both") else None)
+    return AuditConfig(config_name(cfg.estimator.name, p.name, form, bool(p.get("reward_is_weight")),
+                                   bool(p.get("loss_is_weight"))), cfg.estimator.name, p.name, form,
+                       bool(p.get("reward_is_weight")), bool(p.get("loss_is_weight")), kl_spec(cfg))
+
+
+def select(patterns: list[str] | None, beta: float = 1.0,
+           clamps: tuple[float | None, float | None] = (None, None)) -> list[AuditConfig]:
     """Configurations matching any of the glob patterns (all if none). ValueError names an unmatched pattern."""
-    configs = all_configs(beta)
+    configs = all_configs(beta, clamps)
     if not patterns:
         return configs
     chosen = []

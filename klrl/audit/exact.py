@@ -22,8 +22,9 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from klrl.distributions import Sampling
 from klrl.losses import KLSpec, PGSpec, policy_loss
-from klrl.toy import exact_targets, groups
+from klrl.toy import context_targets, exact_targets, group_token_norm, groups, log_probs, responses, scored
 
 
 @dataclass
@@ -31,6 +32,7 @@ class Enumeration:
     """Every group of G responses that `behaviour` can sample, with its probability, and the score Jacobian."""
 
     seqs: Tensor  # [N, T]
+    mask: Tensor  # [N, T]
     idx: Tensor  # [N**G, G] sequence indices of each group
     weight: Tensor  # [N**G] probability of each group under the behaviour policy
     logp: Tensor  # [N, T] log pi(y_t|s_t), detached
@@ -41,47 +43,49 @@ class Enumeration:
 
 
 class _LogProbs(nn.Module):
-    """policy.log_probs as a module call, so that torch.func can swap policy.theta for a functional tensor."""
+    """The trainer's log-probs of `seqs` under the policy as a module call, so that torch.func can swap
+    policy.theta for a functional tensor."""
 
-    def __init__(self, policy: nn.Module):
+    def __init__(self, policy: nn.Module, mask: Tensor, sampling: Sampling):
         super().__init__()
-        self.policy = policy
+        self.policy, self.mask, self.sampling = policy, mask, sampling
 
     def forward(self, seqs: Tensor) -> Tensor:
-        return self.policy.log_probs(seqs)
+        return log_probs(self.policy, seqs, self.mask, self.sampling)
 
 
-def score_jacobian(policy: nn.Module, seqs: Tensor) -> Tensor:
-    """[N*T, P]: row (n, t) is grad_theta log pi(y_nt | y_n,<t), in toy.flat_grad's parameter order."""
-    wrapper = _LogProbs(policy)
+def score_jacobian(policy: nn.Module, seqs: Tensor, mask: Tensor, sampling: Sampling = Sampling()) -> Tensor:
+    """[N*T, P]: row (n, t) is grad_theta log pi(y_nt | y_n,<t) (0 at padding), in toy.flat_grad's order."""
+    wrapper = _LogProbs(policy, mask, sampling)
     fn = torch.func.jacrev(lambda th: functional_call(wrapper, {"policy.theta": th}, (seqs,)), chunk_size=512)
     with warnings.catch_warnings():  # sdpa's backward has no vmap rule yet; the fallback loop is exact, only slower
         warnings.filterwarnings("ignore", message=".*performance drop.*")
         return fn(policy.theta.detach()).reshape(seqs.numel(), -1)
 
 
-def enumerate_groups(policy: nn.Module, ref: nn.Module, group_size: int, behaviour: nn.Module | None = None
-                     ) -> Enumeration:
+def enumerate_groups(policy: nn.Module, ref: nn.Module, group_size: int, behaviour: nn.Module | None = None,
+                     sampling: Sampling = Sampling()) -> Enumeration:
     behaviour = behaviour if behaviour is not None else policy
-    seqs = policy.all_sequences()
-    idx = groups(len(seqs), group_size)
-    jac = score_jacobian(policy, seqs)
-    with torch.no_grad():
-        old = behaviour.log_probs(seqs)
-        weight = old.sum(-1)[idx].sum(-1).exp()
-        return Enumeration(seqs, idx, weight, policy.log_probs(seqs), old, ref.log_probs(seqs), jac, jac @ jac.T)
+    r = responses(behaviour, sampling)
+    idx = groups(len(r.seqs), group_size)
+    jac = score_jacobian(policy, r.seqs, r.mask, sampling)
+    logp, ref_lp = scored(policy, ref, r.seqs, r.mask, sampling)
+    weight = r.prob[idx].prod(-1)
+    return Enumeration(r.seqs, r.mask, idx, weight, logp.detach(), r.old, ref_lp, jac, jac @ jac.T)
 
 
 def loss_coefficients(en: Enumeration, kl: KLSpec, pg: PGSpec, rewards: Tensor | None = None) -> Tensor:
     """c = dL(Y)/dl for every group Y, [N**G, G, T], from one pass of the real `policy_loss` over all groups.
 
-    Groups are independent in the loss (the baseline and the leave-one-out terms are per group), so the gradient
-    of the sum of group losses with respect to a group's log-probs is that group's own gradient."""
+    Groups are independent in the loss (the baseline and the leave-one-out terms are per group, and each group is
+    one batch of the trainer), so the gradient of the sum of group losses with respect to a group's log-probs is
+    that group's own gradient."""
     flat = en.idx.reshape(-1)
     G = en.idx.shape[1]
     logp = en.logp[flat].clone().requires_grad_(True)
     r = torch.zeros(len(en.seqs), dtype=logp.dtype) if rewards is None else rewards.to(logp.dtype)
-    out = policy_loss(logp, en.old[flat], en.ref[flat], torch.ones_like(logp), r[flat], G, pg, kl)
+    mask = en.mask[flat]
+    out = policy_loss(logp, en.old[flat], en.ref[flat], mask, r[flat], G, pg, kl, token_norm=group_token_norm(mask, G))
     (c,) = torch.autograd.grad(out.per_seq.view(-1, G).mean(-1).sum(), logp)
     return c.view(-1, G, logp.shape[-1])
 
@@ -103,43 +107,26 @@ def moments(en: Enumeration, c: Tensor, chunk: int = 1 << 22) -> tuple[Tensor, f
     return mean, float((second - mean @ mean).clamp(min=0))
 
 
-def context_targets(policy: nn.Module, ref: nn.Module, contexts: nn.Module) -> dict[str, Tensor]:
-    """Per-context gradients with the context distribution of `contexts` (held fixed), w.r.t. policy.theta:
-
-    Fctx: sum_s P(s) grad KL(pi_ref(.|s) || pi(.|s))   (what k3 in the loss follows)
-    Rtok: sum_s P(s) grad KL(pi(.|s) || pi_ref(.|s))   (the token-level "partial" reverse-KL gradient)
-    With contexts = policy these are toy.exact_targets' context_forward and token_reverse."""
-    seqs = policy.all_sequences()
-    V, T = policy.vocab, policy.length
-    with torch.no_grad():
-        lc = contexts.log_probs(seqs)
-        prefix = torch.cat([torch.zeros_like(lc[:, :1]), lc[:, :-1].cumsum(-1)], -1).exp()
-        # Each context is the prefix of V**(T-t) enumerated sequences: divide so that it counts once.
-        weight = prefix / torch.tensor([float(V ** (T - t)) for t in range(T)], dtype=lc.dtype)
-        logr = torch.log_softmax(ref.logits(seqs), -1)
-    logq = torch.log_softmax(policy.logits(seqs), -1)
-    fwd = (logr.exp() * (logr - logq)).sum(-1)
-    rev = (logq.exp() * (logq - logr)).sum(-1)
-    (f,) = torch.autograd.grad((weight * fwd).sum(), [policy.theta], retain_graph=True)
-    (r,) = torch.autograd.grad((weight * rev).sum(), [policy.theta])
-    return {"Fctx": f.reshape(-1), "Rtok": r.reshape(-1)}
-
-
-def targets(policy: nn.Module, ref: nn.Module, old: nn.Module | None = None) -> dict[str, Tensor]:
+def targets(policy: nn.Module, ref: nn.Module, old: nn.Module | None = None, sampling: Sampling = Sampling()
+            ) -> dict[str, Tensor]:
     """The named directions verdicts are expressed in. rev = grad KL(pi||pi_ref) (the objective), fwd =
-    grad KL(pi_ref||pi) (sequence level), Fctx / Rtok as in `context_targets`; with `old`, also Fctx@old and
-    Rtok@old, their versions over pi_old's contexts (what token-weighted losses follow off-policy)."""
-    t = exact_targets(policy, ref)
+    grad KL(pi_ref||pi) (sequence level), Fctx / Rtok as in `klrl.toy.context_targets`; with `old`, also Fctx@old
+    and Rtok@old, their versions over pi_old's contexts (what token-weighted losses follow off-policy)."""
+    t = exact_targets(policy, ref, sampling)
     out = {"rev": t["reverse_kl"], "fwd": t["forward_kl"], "Fctx": t["context_forward"], "Rtok": t["token_reverse"]}
     if old is not None:
-        out.update({f"{k}@old": v for k, v in context_targets(policy, ref, old).items()})
+        out.update({f"{k}@old": v for k, v in context_targets(policy, ref, old, sampling).items()})
     return {k: v.detach() for k, v in out.items()}
 
 
-def compare(g: Tensor, target: Tensor) -> dict[str, float]:
-    """rel_err = ||g - t|| / ||t||; cos = <g, t> / (||g|| ||t||), 0 for a zero g."""
+ROUND_OFF = 1e-9  # |E g| below this fraction of |grad KL| is zero: float64 round-off of an enumeration
+
+
+def compare(g: Tensor, target: Tensor) -> dict[str, float | None]:
+    """rel_err = ||g - t|| / ||t||; cos = <g, t> / (||g|| ||t||), None when g is zero up to round-off (its
+    direction is noise)."""
     nt, ng = target.norm(), g.norm()
-    cos = float(g @ target / (ng * nt)) if ng > 0 and nt > 0 else 0.0
+    cos = float(g @ target / (ng * nt)) if ng > ROUND_OFF * nt and nt > 0 else None
     return {"rel_err": float((g - target).norm() / nt), "cos": cos}
 
 
@@ -161,24 +148,3 @@ def decompose(g: Tensor, basis: dict[str, Tensor], tol: float = 1e-6, max_terms:
         if best is not None:
             return best[1]
     return None
-
-
-def verdict(parts: dict[str, float] | None) -> str:
-    """Plain words for a decomposition."""
-    if parts is None:
-        return "biased (no simple form)"
-    if not parts:
-        return "zero in expectation"
-    if set(parts) == {"rev"}:
-        c = parts["rev"]
-        return "unbiased" if abs(c - 1) < 1e-6 else f"biased: {c:.3g} x rev (scaled)"
-    return "biased: " + formula(parts)
-
-
-def formula(parts: dict[str, float]) -> str:
-    out = ""
-    for n, c in parts.items():
-        sign = "-" if c < 0 else "+"
-        mag = "" if abs(abs(c) - 1) < 1e-6 else f"{abs(c):.3g}*"
-        out += f" {sign} {mag}{n}" if out else f"{'-' if c < 0 else ''}{mag}{n}"
-    return out

@@ -47,47 +47,58 @@ class Sampler(Protocol):
 
 
 class EnumerableSampler:
-    """i.i.d. groups from `behaviour` (default: the policy) over an enumerable policy's V**T responses."""
+    """i.i.d. groups from `behaviour` (default: the policy) over an enumerable policy's responses."""
 
-    def __init__(self, policy, ref, group_size: int, behaviour=None, seed: int = 0):
+    def __init__(self, policy, ref, group_size: int, behaviour=None, seed: int = 0, sampling=None):
+        from klrl.distributions import Sampling
+        from klrl.toy import responses
+
         self.policy, self.ref, self.group_size = policy, ref, group_size
+        self.sampling = sampling or Sampling()
         self.behaviour = behaviour if behaviour is not None else policy
-        self.seqs = policy.all_sequences()
-        with torch.no_grad():
-            self.probs = self.behaviour.log_probs(self.seqs).sum(-1).exp()
+        r = responses(self.behaviour, self.sampling)
+        self.seqs, self.mask, self.probs, self.old = r.seqs, r.mask, r.prob, r.old
         self.gen = torch.Generator().manual_seed(seed)
 
     def params(self) -> list[Tensor]:
         return [self.policy.theta]
 
     def draw(self) -> Batch:
-        seqs = self.seqs[torch.multinomial(self.probs, self.group_size, replacement=True, generator=self.gen)]
-        logp = self.policy.log_probs(seqs)
-        with torch.no_grad():
-            old, ref = self.behaviour.log_probs(seqs), self.ref.log_probs(seqs)
-        return Batch(logp, old, ref, torch.ones_like(old), torch.zeros(len(seqs), dtype=old.dtype))
+        from klrl.toy import scored
+
+        idx = torch.multinomial(self.probs, self.group_size, replacement=True, generator=self.gen)
+        logp, ref = scored(self.policy, self.ref, self.seqs[idx], self.mask[idx], self.sampling)
+        return Batch(logp, self.old[idx], ref, self.mask[idx], torch.zeros(len(idx), dtype=logp.dtype))
 
 
 class ModelSampler:
     """G responses to one fixed prompt from a causal LM, scored the way the trainer scores them (on-policy)."""
 
-    def __init__(self, model, ref, tokenizer, prompt_ids: list[int], group_size: int, max_new_tokens: int):
+    def __init__(self, model, ref, tokenizer, prompt_ids: list[int], group_size: int, max_new_tokens: int,
+                 sampling=None):
+        from klrl.distributions import Sampling
+
         self.model, self.ref, self.tok = model, ref, tokenizer
         self.prompt_ids, self.group_size, self.max_new_tokens = prompt_ids, group_size, max_new_tokens
+        self.sampling = sampling or Sampling()
 
     def params(self) -> list[Tensor]:
         return [p for p in self.model.parameters() if p.requires_grad]
 
     def draw(self) -> Batch:
-        from klrl.rollout import generate, response_logits, token_logprobs
+        from klrl.distributions import token_logprobs
+        from klrl.rollout import generate, sampler_logits, support_of
 
-        # Temperature 1 and top_p 1 always: any other sampler is not pi, and the batch would be off-policy.
-        ro = generate(self.model, self.tok, [self.prompt_ids] * self.group_size, self.max_new_tokens, 1.0, 1.0)
+        # Scored as the trainer scores them: the distribution sampled from (temperature, top-p), the reference cut
+        # to the policy's support.
+        T, p = self.sampling.temperature, self.sampling.top_p
+        ro = generate(self.model, self.tok, [self.prompt_ids] * self.group_size, self.max_new_tokens, T, p)
         device = next(self.model.parameters()).device
         mask = ro.response_mask.to(device)
-        logp = token_logprobs(response_logits(self.model, ro), ro.responses, mask)
+        logits = sampler_logits(self.model, ro, T, p)
+        logp = token_logprobs(logits, ro.responses, mask)
         with torch.no_grad():
-            ref = token_logprobs(response_logits(self.ref, ro), ro.responses, mask)
+            ref = token_logprobs(sampler_logits(self.ref, ro, T, p, support=support_of(logits, p)), ro.responses, mask)
         return Batch(logp, logp.detach(), ref, mask, torch.zeros(len(mask), device=device))
 
 

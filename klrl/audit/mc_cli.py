@@ -21,10 +21,10 @@ def compose(overrides: list[str]):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from klrl.app import CONF_DIR
-    from klrl.config import ConfigError, validate
+    from klrl.config import CONF_DIR, ConfigError, register_configs, validate
     from klrl.preflight import explain
 
+    register_configs()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         try:
             cfg = hydra_compose(config_name="train", overrides=overrides)
@@ -63,7 +63,7 @@ def run_mc(a, configs) -> dict:
     from klrl.audit import report
     from klrl.audit.configs import select
     from klrl.audit.mc import ModelSampler, mc_audit
-    from klrl.config import pg_spec
+    from klrl.config import pg_spec, sampling_spec
     from klrl.models import load_model
     from klrl.rollout import encode_prompts
     from klrl.tasks import TASKS
@@ -83,9 +83,9 @@ def run_mc(a, configs) -> dict:
     perturb(policy, a.noise, cfg.seed)
     problem = task.sample_train(random.Random(cfg.seed), 1)[0]
     prompt_ids = encode_prompts(tok, [problem.prompt], cfg.model.chat_template)[0]
-    sampler = ModelSampler(policy, ref, tok, prompt_ids, G, cfg.task.max_new_tokens)
+    sampler = ModelSampler(policy, ref, tok, prompt_ids, G, cfg.task.max_new_tokens, sampling_spec(cfg))
     if "k1-reward" not in [c.name for c in configs]:  # the reference every configuration is tested against
-        configs = select(["k1-reward"]) + configs
+        configs = select(["k1-reward"], configs[0].spec.beta) + configs
     specs = {c.name: c.spec for c in configs}
     pg = pg_spec(cfg)
     print(f"model {cfg.model.name}, prompt {problem.prompt!r}, G={G}, baseline {pg.baseline}, agg {pg.agg}, "

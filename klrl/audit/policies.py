@@ -1,9 +1,10 @@
 """The enumerable policies the audit works on: tabular logits, or a tiny transformer behind the same interface.
 
-What `klrl.toy` and the audit need from a policy: `log_probs(seqs) -> [B, T]`, `logits(seqs) -> [B, T, V]`,
-`all_sequences() -> [V**T, T]`, `vocab`, `length`, and one parameter tensor `theta` (toy.flat_grad differentiates
-with respect to `policy.theta`). The transformer adapter therefore keeps all the network's weights as one flat
-vector and runs the network functionally on views of it.
+What `klrl.toy` and the audit need from a policy: `logits(seqs) -> [B, T, V]` (raw; the sampling distribution is
+made from them by the trainer's `klrl.distributions`), `all_sequences() -> ([N, T] ids, [N, T] mask)`, `vocab`,
+`length`, `eos`, and one parameter tensor `theta` (toy.flat_grad differentiates with respect to `policy.theta`).
+The transformer adapter therefore keeps all the network's weights as one flat vector and runs the network
+functionally on views of it.
 """
 
 from __future__ import annotations
@@ -16,17 +17,17 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from klrl.toy import TabularPolicy
+from klrl.toy import TabularPolicy, enumerate_sequences
 
 
 class TransformerPolicy(nn.Module):
     """pi(y_t | prompt, y_<t) from a transformers causal LM over the same V tokens, responses of length T."""
 
-    def __init__(self, net: nn.Module, theta: Tensor, prompt: Tensor, length: int):
+    def __init__(self, net: nn.Module, theta: Tensor, prompt: Tensor, length: int, eos: int | None = None):
         super().__init__()
         # Bypass module registration: the network's own parameters must not show up in self.parameters().
         object.__setattr__(self, "net", net)
-        self.vocab, self.length = net.config.vocab_size, length
+        self.vocab, self.length, self.eos = net.config.vocab_size, length, eos
         self.register_buffer("prompt", prompt.long(), persistent=False)
         self.theta = nn.Parameter(theta.detach().clone())
         self._shapes = [(n, p.shape) for n, p in net.named_parameters()]
@@ -37,7 +38,7 @@ class TransformerPolicy(nn.Module):
         return torch.cat([p.detach().reshape(-1) for p in net.parameters()])
 
     def with_theta(self, theta: Tensor) -> "TransformerPolicy":
-        return TransformerPolicy(self.net, theta, self.prompt, self.length)
+        return TransformerPolicy(self.net, theta, self.prompt, self.length, self.eos)
 
     def _weights(self) -> dict[str, Tensor]:
         out, i = {}, 0
@@ -66,16 +67,13 @@ class TransformerPolicy(nn.Module):
         return self._cache[1]
 
     def _forward_all(self) -> Tensor:
-        seqs = self.all_sequences()
+        seqs = torch.tensor(list(itertools.product(range(self.vocab), repeat=self.length)))  # every code
         ids = torch.cat([self.prompt.expand(len(seqs), -1), seqs[:, :-1]], -1)
         out = functional_call(self.net, self._weights(), (ids,), {"use_cache": False}).logits
         return out[:, self.prompt.numel() - 1 :]
 
-    def log_probs(self, seqs: Tensor) -> Tensor:
-        return torch.log_softmax(self.logits(seqs), -1).gather(-1, seqs[..., None]).squeeze(-1)
-
-    def all_sequences(self) -> Tensor:
-        return torch.tensor(list(itertools.product(range(self.vocab), repeat=self.length)))
+    def all_sequences(self) -> tuple[Tensor, Tensor]:
+        return enumerate_sequences(self.vocab, self.length, self.eos)
 
 
 @dataclass
@@ -92,11 +90,12 @@ def _noise(like: Tensor, seed: int) -> Tensor:
     return torch.randn(like.shape, generator=gen, dtype=like.dtype)
 
 
-def tabular_triple(vocab: int, length: int, distance: float, off_distance: float, seed: int = 0) -> Triple:
+def tabular_triple(vocab: int, length: int, distance: float, off_distance: float, seed: int = 0,
+                   eos: int | None = None) -> Triple:
     """pi_ref: standard-normal logits per prefix; pi = pi_ref + distance * N(0, 1) per logit; pi_old = pi +
     off_distance * N(0, 1). Per-token KLs then stay about the same at every T, so sequence KL grows with T."""
-    ref = TabularPolicy(vocab, length, seed=seed)
-    policy, old = TabularPolicy(vocab, length, seed=seed), TabularPolicy(vocab, length, seed=seed)
+    ref = TabularPolicy(vocab, length, seed=seed, eos=eos)
+    policy, old = TabularPolicy(vocab, length, seed=seed, eos=eos), TabularPolicy(vocab, length, seed=seed, eos=eos)
     with torch.no_grad():
         policy.theta.add_(distance * _noise(policy.theta, seed + 1))
         old.theta.copy_(policy.theta + off_distance * _noise(old.theta, seed + 2))
@@ -132,13 +131,14 @@ def _rms_norm_float64(self, x: Tensor) -> Tensor:
 WEIGHT_STEP = 0.1  # weight noise per unit of distance: --distance 0.5 then gives a KL near the tabular default's
 
 
-def transformer_triple(vocab: int, length: int, distance: float, off_distance: float, seed: int = 0) -> Triple:
+def transformer_triple(vocab: int, length: int, distance: float, off_distance: float, seed: int = 0,
+                       eos: int | None = None) -> Triple:
     """The same construction in weight space: pi = pi_ref's weights + 0.1 * distance * N(0, 1), and so on.
 
-    The prompt is a single fixed token (0); every one of the V**T responses to it is enumerated."""
+    The prompt is a single fixed token (0); every response to it is enumerated."""
     net = tiny_llama(vocab, length, seed)
     w = TransformerPolicy.flat_weights(net)
-    ref = TransformerPolicy(net, w, torch.zeros(1), length)
+    ref = TransformerPolicy(net, w, torch.zeros(1), length, eos)
     w_pi = w + distance * WEIGHT_STEP * _noise(w, seed + 1)
     policy = ref.with_theta(w_pi)
     old = ref.with_theta(w_pi + off_distance * WEIGHT_STEP * _noise(w, seed + 2))

@@ -6,14 +6,22 @@ import json
 import math
 from pathlib import Path
 
-SCHEMA = "klrl.audit/1"
-# The paper's four configurations, the corrected "both" forms, and the token-level ones: the lines worth plotting.
-HEADLINE = ("k1-reward", "k1-loss", "k3-reward", "k3-loss", "k1-both", "k3-both", "k2-loss", "k3-loss+tokIS")
+SCHEMA = "klrl.audit/2"
 LEGEND = """rev = grad KL(pi||pi_ref) (the objective's gradient); fwd = grad KL(pi_ref||pi) (sequence level);
 Fctx = sum_s P(s) grad KL(pi_ref(.|s)||pi(.|s)) (per-context forward KL);
 Rtok = sum_s P(s) grad KL(pi(.|s)||pi_ref(.|s)) (token-level partial reverse KL); @old: over pi_old's contexts.
-var = tr Cov of the gradient estimator: '1' one sample without baseline, 'G' one group with the baseline.
-beta = 1, task reward 0."""
+pi and pi_ref are the distributions sampled from (temperature, top-p; see klrl/distributions.py).
+Gradients are per unit beta, task reward 0. cos n/a: the mean gradient is zero up to round-off.
+var = tr Cov of the gradient estimator: '1' one sample without baseline, 'G' one group with the baseline."""
+
+
+def headline(names) -> list[str]:
+    """The lines worth plotting: every estimator's plain placements (no +togo/+seqIS/+tokIS variants)."""
+    return [n for n in names if "+" not in n.split("-", 1)[1]]
+
+
+def _cos(x, width: int = 6) -> str:
+    return "n/a".rjust(width) if x is None else f"{x:{width}.3f}"
 
 
 def _num(x, width: int, digits: int = 3) -> str:
@@ -28,9 +36,10 @@ def regime_table(title: str, result: dict, regime: str, G: int) -> str:
     params = list(result["policies"])
     main, others = params[0], params[1:]
     reg = result["policies"][main][regime]
-    head = (f"{'config':<20} {'verdict (' + main + ')':<30} {'|bias|':>7} {'cos':>6} {'cos':>6} "
+    width = max([len(r["verdict"]) for r in reg["configs"].values()] + [30])
+    head = (f"{'config':<22} {'verdict (' + main + ')':<{width}} {'|bias|':>7} {'cos':>6} {'cos':>6} "
             f"{'var':>8} {'var':>8}")
-    sub = f"{'':<20} {'':<30} {'/|rev|':>7} {'rev':>6} {'fwd':>6} {'1':>8} {'G=' + str(G):>8}"
+    sub = f"{'':<22} {'':<{width}} {'/|rev|':>7} {'rev':>6} {'fwd':>6} {'1':>8} {'G=' + str(G):>8}"
     for o in others:
         head += f" | {o + ': |bias|/|rev|':<24}"
         sub += f" | {'':<24}"
@@ -41,11 +50,12 @@ def regime_table(title: str, result: dict, regime: str, G: int) -> str:
                    + (f", KL(pi_old||pi) = {r['kl_old_pi']:.4f}" if regime == "off_policy" else ""))
     lines = [title, *("  " + k for k in kls), head, sub]
     for name, row in reg["configs"].items():
-        line = (f"{name:<20} {row['verdict']:<30} {_num(row['vs_rev']['rel_err'], 7)} {row['vs_rev']['cos']:6.3f} "
-                f"{row['vs_fwd']['cos']:6.3f} {_num(row['var_single'], 8)} {_num(row['var_group'], 8)}")
+        line = (f"{name:<22} {row['verdict']:<{width}} {_num(row['vs_rev']['rel_err'], 7)} "
+                f"{_cos(row['vs_rev']['cos'])} {_cos(row['vs_fwd']['cos'])} {_num(row['var_single'], 8)} "
+                f"{_num(row['var_group'], 8)}")
         for o in others:
             orow = result["policies"][o][regime]["configs"][name]
-            same = "same verdict" if orow["verdict"] == row["verdict"] else orow["verdict"]
+            same = "same verdict" if orow["label"] == row["label"] else orow["verdict"]
             line += f" | {_num(orow['vs_rev']['rel_err'], 7)} {same}"
         lines.append(line)
     return "\n".join(lines)
@@ -53,7 +63,7 @@ def regime_table(title: str, result: dict, regime: str, G: int) -> str:
 
 def sweep_table(sweep: dict) -> str:
     Ts = sweep["lengths"]
-    names = [n for n in HEADLINE if n in sweep["configs"]] or list(sweep["configs"])[:8]
+    names = headline(sweep["configs"]) or list(sweep["configs"])[:8]
     cols = "".join(f"{'T=' + str(t):>10}" for t in Ts)
     out = [f"Against length T (tabular, V={sweep['vocab']}, on-policy); KL(pi||pi_ref) = "
            + ", ".join(f"{k:.3f}" for k in sweep["kl_pi_ref"])]
@@ -106,7 +116,7 @@ def write_plot(path: str | Path, sweep: dict) -> None:
     import matplotlib.pyplot as plt
 
     Ts = sweep["lengths"]
-    names = [n for n in HEADLINE if n in sweep["configs"]] or list(sweep["configs"])[:8]
+    names = headline(sweep["configs"]) or list(sweep["configs"])[:8]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for i, n in enumerate(names):
         row = sweep["configs"][n]
@@ -122,3 +132,67 @@ def write_plot(path: str | Path, sweep: dict) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def preset_table(presets: dict) -> str:
+    """Every KL configuration's on-policy verdict under each algo preset (terminal)."""
+    algos = list(presets)
+    names = list(next(iter(presets.values()))["configs"])
+    head = [f"algo={a} ({presets[a]['baseline']}, {presets[a]['agg']})" for a in algos]
+    rows = [[n] + [presets[a]["configs"][n]["on_policy"].short for a in algos] for n in names]
+    widths = [max(len(r[i]) for r in rows + [["config"] + head]) for i in range(len(head) + 1)]
+    lines = ["Under each algo preset, on-policy (exact, tabular toy):"]
+    for r in [["config"] + head] + rows:
+        lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    return "\n".join(lines)
+
+
+def _placement_label(est_row: dict) -> str:
+    out = est_row["placement"]
+    if est_row.get("reward_form") == "togo":
+        out += ", togo"
+    if est_row.get("reward_is_weight"):
+        out += ", reward_is_weight"
+    if est_row.get("loss_is_weight"):
+        out += ", loss_is_weight"
+    return out
+
+
+README_ROWS = ("reward", "reward+togo", "reward+seqIS", "loss", "loss+tokIS", "both")
+
+
+def readme_tables() -> str:
+    """The README's verdict tables, in markdown: generated from klrl.audit.verdicts, compared by a test."""
+    import pandas as pd
+
+    from klrl.audit.configs import all_configs
+    from klrl.audit.verdicts import DEFAULT_TOY, beta_sensitivity, preset_verdicts
+
+    configs = [c for c in all_configs() if c.name.split("-", 1)[1] in README_ROWS]
+    names = [c.name for c in configs]
+    presets = preset_verdicts([], names)
+    rows = []
+    for c in configs:
+        row = {"estimator": c.estimator,
+               "placement": _placement_label({"placement": c.placement, "reward_form": c.reward_form,
+                                              "reward_is_weight": c.reward_is_weight,
+                                              "loss_is_weight": c.loss_is_weight})}
+        for algo, p in presets.items():
+            row[f"algo={algo} ({p['agg']})"] = p["configs"][c.name]["on_policy"].short
+        row["off-policy, algo=rloo"] = presets["rloo"]["configs"][c.name]["off_policy"].short
+        rows.append(row)
+    toy = DEFAULT_TOY
+    out = [f"<!-- generated by `klrl audit --markdown` (exact enumeration, tabular toy V={toy.vocab} with EOS, "
+           f"T<={toy.length}, G={toy.group_size}); tests/test_readme_tables.py regenerates and compares -->", "",
+           pd.DataFrame(rows).to_markdown(index=False), ""]
+    sens = beta_sensitivity("grpo", ["k1-reward", "k3-reward", "k3-loss"])
+    srows = []
+    for name, by_beta in sens.items():
+        srow = {"configuration (algo=grpo)": name}
+        for beta, (scale, cos) in by_beta.items():
+            srow[f"beta={beta:g}"] = f"{scale:.4g} x grad KL (cos {'n/a' if cos is None else f'{cos:.3f}'})"
+        srows.append(srow)
+    out += ["With `algo=grpo`, the KL gradient's size along grad KL(pi||pi_ref) (the least-squares scale of the "
+            "total KL gradient, i.e. per unit beta times beta) and its cosine, task reward tied within groups:", "",
+            pd.DataFrame(srows).to_markdown(index=False), ""]
+    return "\n".join(out)
