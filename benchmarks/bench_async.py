@@ -25,10 +25,10 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 
-import klrl.trainer
-from klrl.app import CONF_DIR
-from klrl.models import load_model
-from klrl.rundir import read_metrics
+import klrl.training.trainer
+from klrl.cli.train import CONF_DIR
+from klrl.models.registry import load_model
+from klrl.runs.rundir import read_metrics
 from klrl.tasks import TASKS
 from report import machine, save  # benchmarks/report.py
 
@@ -49,7 +49,7 @@ def compose_cfg(overrides: list[str]):
 def run(overrides: list[str], threads: int, run_dir: Path) -> dict:
     ends: list[float] = []
     seen_threads = []
-    real_update = klrl.trainer.update
+    real_update = klrl.training.trainer.update
 
     def timed_update(*a, **kw):
         rec = real_update(*a, **kw)
@@ -64,11 +64,11 @@ def run(overrides: list[str], threads: int, run_dir: Path) -> dict:
     try:
         if "cpu_threads" not in cfg.model:  # the pipeline splits the trainer's threads in half
             torch.set_num_threads(threads * (2 if cfg.async_mode == "pipeline" else 1))
-        klrl.trainer.update, klrl.trainer.evaluate = timed_update, lambda *a, **kw: {}  # evaluation is no train step
+        klrl.training.trainer.update, klrl.trainer.evaluate = timed_update, lambda *a, **kw: {}  # evaluation is no train step
         t0 = time.perf_counter()
         klrl.trainer.train(cfg, run_dir)
     finally:
-        klrl.trainer.update, klrl.trainer.evaluate = real_update, saved[1]
+        klrl.training.trainer.update, klrl.trainer.evaluate = real_update, saved[1]
         torch.set_num_threads(saved[0])
     recs = [r for r in read_metrics(run_dir) if r["kind"] == "train"]
     return {

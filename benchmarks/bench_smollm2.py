@@ -13,7 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from klrl.rundir import read_json, read_metrics
+from klrl.runs.rundir import read_json, read_metrics
 from report import machine, print_metrics, save  # benchmarks/report.py
 
 DEFAULTS = ["model=smollm2-135m", "task=countdown", "steps=4", "algo.prompts_per_step=4", "algo.group_size=4",

@@ -14,7 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from klrl.rundir import read_json, read_metrics
+from klrl.runs.rundir import read_json, read_metrics
 from report import machine, print_metrics, save  # benchmarks/report.py
 
 

@@ -1,4 +1,4 @@
-from klrl.cli import main
+from klrl.cli.main import main
 
 if __name__ == "__main__":
     main()

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from klrl.app import CONF_DIR
+from klrl.cli.train import CONF_DIR
 
 # Small enough that a test's warm start takes ~1 s, then is cached for the whole session.
 FAST = [

@@ -13,9 +13,9 @@ from klrl.audit.configs import all_configs, select
 from klrl.audit.mc import EnumerableSampler, f_sf, hotelling, mc_audit
 from klrl.audit.policies import tabular_triple, transformer_triple
 from klrl.audit.run import audit_regime
-from klrl.cli import main as cli_main
-from klrl.losses import PGSpec, policy_loss
-from klrl.toy import exact_targets, expected_gradient, groups, log_probs
+from klrl.cli.main import main as cli_main
+from klrl.core.losses import PGSpec, policy_loss
+from klrl.core.toy import exact_targets, expected_gradient, groups, log_probs
 
 from conftest import run_klrl
 

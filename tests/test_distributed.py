@@ -14,13 +14,13 @@ import torch
 import torch.distributed as tdist
 import torch.multiprocessing as mp
 
-from klrl.config import kl_spec, pg_spec
-from klrl.distributed import Dist, shard, state_dicts
-from klrl.generation import make_generator
-from klrl.models import load_model
-from klrl.rundir import read_json, read_metrics
+from klrl.config.schema import kl_spec, pg_spec
+from klrl.training.distributed import Dist, shard, state_dicts
+from klrl.sampling.generation import make_generator
+from klrl.models.registry import load_model
+from klrl.runs.rundir import read_json, read_metrics
 from klrl.tasks import TASKS
-from klrl.trainer import Batch, collect, update
+from klrl.training.trainer import Batch, collect, update
 
 from conftest import FAST, compose_cfg
 
@@ -157,8 +157,8 @@ def _precision_worker(rank, out_path, cache, fsdp):
     os.environ["KLRL_CACHE"] = cache
     cfg = compose_cfg(*OVERRIDES, "optim.lr=1e-6", *(["model.fsdp=true", "model.param_dtype=float32"] if fsdp else []),
                       "model.dtype=bfloat16")
-    from klrl.distributed import setup
-    from klrl.models import load_model
+    from klrl.training.distributed import setup
+    from klrl.models.registry import load_model
 
     dist = setup(torch.device("cpu"), cfg.model.fsdp)  # FSDP on one process: a group of one
     task = TASKS[cfg.task.name](cfg.task, cfg.seed)

@@ -1,7 +1,7 @@
 """Exact expected gradients of the real training loss, for every KL configuration.
 
 Each configuration is composed from the same Hydra config the trainer uses and turned into the loss by the same
-`kl_spec`/`pg_spec`; `klrl.toy.expected_gradient` then weights the real `policy_loss` gradient of every possible
+`kl_spec`/`pg_spec`; `klrl.core.toy.expected_gradient` then weights the real `policy_loss` gradient of every possible
 group of G sampled responses by its probability. Targets are exact gradients of divergences.
 
 Two kinds of test: `THEORY` states the paper's derivations (arXiv 2512.21852 §3; Tang & Munos 2025) as identities
@@ -17,11 +17,11 @@ import torch
 
 from klrl.audit.configs import all_configs
 from klrl.audit.verdicts import DEFAULT_TOY, Toy, verdict
-from klrl.config import kl_spec, pg_spec
-from klrl.distributions import Sampling
-from klrl.estimators import kl_values
-from klrl.losses import KLSpec, PGSpec, policy_loss
-from klrl.toy import TabularPolicy, exact_targets, expected_gradient
+from klrl.config.schema import kl_spec, pg_spec
+from klrl.core.distributions import Sampling
+from klrl.core.estimators import kl_values
+from klrl.core.losses import KLSpec, PGSpec, policy_loss
+from klrl.core.toy import TabularPolicy, exact_targets, expected_gradient
 
 from conftest import compose_cfg
 
@@ -103,7 +103,7 @@ def test_beta_scales_the_kl_gradient_linearly():
 def test_micro_batches_reproduce_the_full_batch_gradient(agg):
     """The trainer splits a batch into micro-batches of whole groups; with the global token count the
     accumulated gradient equals the full-batch one, for every aggregation."""
-    from klrl.losses import policy_loss
+    from klrl.core.losses import policy_loss
 
     torch.manual_seed(0)
     B, Tn, G = 8, 5, 4

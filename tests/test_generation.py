@@ -14,12 +14,12 @@ import sys
 import pytest
 import torch
 
-from klrl.config import ConfigError, validate
-from klrl.generation import HFGenerator, logprob_mismatch, make_generator
-from klrl.models import load_model
-from klrl.rollout import encode_prompts, generate, response_logits, rollout_from_tokens, token_logprobs
+from klrl.config.schema import ConfigError, validate
+from klrl.sampling.generation import HFGenerator, logprob_mismatch, make_generator
+from klrl.models.registry import load_model
+from klrl.sampling.rollout import encode_prompts, generate, response_logits, rollout_from_tokens, token_logprobs
 from klrl.tasks import TASKS
-from klrl.trainer import comparable
+from klrl.training.trainer import comparable
 
 from conftest import FAST, compose_cfg, run_klrl
 
@@ -168,9 +168,9 @@ def test_vllm_is_refused_without_a_gpu(tmp_path):
 
 def test_vllm_config_checks_where_vllm_could_run(monkeypatch):
     """The checks after availability, with availability granted (as on a GPU machine with the extra)."""
-    import klrl.generation
+    import klrl.sampling.generation
 
-    monkeypatch.setattr(klrl.generation, "vllm_unavailable", lambda: None)
+    monkeypatch.setattr(klrl.sampling.generation, "vllm_unavailable", lambda: None)
     validate(compose_cfg("generation.backend=vllm", "generation.vllm.gpu_memory_utilization=0.3",
                          "generation.vllm.enforce_eager=true", "generation.vllm.max_model_len=128"))
     for overrides, message in (
@@ -249,8 +249,8 @@ def test_vllm_sync_loads_the_trainers_new_weights(engine):
 @pytest.mark.gpu
 @pytest.mark.parametrize("lag", [[], ["async_level=1", "algo.is_truncate=8"]], ids=["on-policy", "lag-1"])
 def test_train_with_vllm(tmp_path, lag):
-    from klrl.rundir import read_metrics
-    from klrl.trainer import train
+    from klrl.runs.rundir import read_metrics
+    from klrl.training.trainer import train
 
     assert train(compose_cfg(*GPU, "steps=2", *lag), tmp_path) == "completed"
     recs = [r for r in read_metrics(tmp_path) if r["kind"] == "train"]

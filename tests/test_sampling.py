@@ -14,13 +14,13 @@ import random
 import pytest
 import torch
 
-from klrl.audit.mc_cli import perturb
-from klrl.distributions import token_logprobs
-from klrl.estimators import k3
-from klrl.evaluate import evaluate
-from klrl.generation import HFGenerator
-from klrl.models import load_model
-from klrl.rollout import (encode_prompts, end_ids, generate, response_logits, rollout_from_tokens, sampler_logits,
+from klrl.cli.audit_mc import perturb
+from klrl.core.distributions import token_logprobs
+from klrl.core.estimators import k3
+from klrl.training.evaluate import evaluate
+from klrl.sampling.generation import HFGenerator
+from klrl.models.registry import load_model
+from klrl.sampling.rollout import (encode_prompts, end_ids, generate, response_logits, rollout_from_tokens, sampler_logits,
                           support_of)
 from klrl.tasks import TASKS
 

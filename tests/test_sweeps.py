@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from klrl.app import CONF_DIR
-from klrl.config import ConfigError
-from klrl.rundir import METRICS, SUMMARY
-from klrl.status import collect, derive, expand_job_ids, render
-from klrl.sweep import available, check_jobs, expand, format_value, hydra_argv, load_grid
+from klrl.cli.train import CONF_DIR
+from klrl.config.schema import ConfigError
+from klrl.runs.rundir import METRICS, SUMMARY
+from klrl.runs.status import collect, derive, expand_job_ids, render
+from klrl.runs.sweep import available, check_jobs, expand, format_value, hydra_argv, load_grid
 
 from conftest import FAST, run_klrl
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from klrl.rundir import METRICS, SUMMARY, read_json, read_metrics
-from klrl.status import collect
+from klrl.runs.rundir import METRICS, SUMMARY, read_json, read_metrics
+from klrl.runs.status import collect
 from klrl.testing.slurm_cluster import slurm_cluster  # noqa: F401
 
 from conftest import FAST, run_klrl

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from klrl.app import CONF_DIR
-from klrl.checkers import CHECKERS, final_letter, last_boxed
-from klrl.config import ConfigError, validate
+from klrl.cli.train import CONF_DIR
+from klrl.tasks.checkers import CHECKERS, final_letter, last_boxed
+from klrl.config.schema import ConfigError, validate
 from klrl.tasks import TASKS
 
 FIX = Path(__file__).parent / "fixtures"

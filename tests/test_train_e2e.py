@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from klrl.rundir import CHECKPOINT, SUMMARY, read_json, read_metrics
-from klrl.trainer import train
+from klrl.runs.rundir import CHECKPOINT, SUMMARY, read_json, read_metrics
+from klrl.training.trainer import train
 
 from conftest import FAST, compose_cfg, run_klrl
 
@@ -106,7 +106,7 @@ def test_completed_run_with_resume_is_skipped(tmp_path):
 
 
 def test_non_finite_loss_is_a_diverged_result(tmp_path, monkeypatch):
-    import klrl.trainer as trainer
+    import klrl.training.trainer as trainer
 
     real = trainer.policy_loss
     calls = {"n": 0}

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from klrl.audit.report import readme_tables
-from klrl.estimators import ESTIMATORS, register
+from klrl.core.estimators import ESTIMATORS, register
 
 from conftest import compose_cfg
 
@@ -45,9 +45,9 @@ def throwaway():
 
 
 def test_a_registered_estimator_appears_everywhere(throwaway, capsys):
-    from klrl.audit.cli import main as audit_main
-    from klrl.config import register_configs, validate
-    from klrl.table import gradient_verdict
+    from klrl.cli.audit import main as audit_main
+    from klrl.config.schema import register_configs, validate
+    from klrl.runs.table.aggregate import gradient_verdict
 
     from test_exact_gradients import check_row, matrix
 

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import torch
 
-from klrl.config import kl_spec, pg_spec, register_configs
-from klrl.distributed import setup, shard
-from klrl.generation import make_generator
-from klrl.models import build_char_tokenizer
-from klrl.trainer import Batch, update
+from klrl.config.schema import kl_spec, pg_spec, register_configs
+from klrl.training.distributed import setup, shard
+from klrl.sampling.generation import make_generator
+from klrl.models.registry import build_char_tokenizer
+from klrl.training.trainer import Batch, update
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -37,7 +37,7 @@ def compose_config(*, group: int, prompts: int, micro: int, beta: float, mixed: 
 
 
 def enable_checkpointing(model: torch.nn.Module) -> None:
-    """Activation checkpointing, as klrl.models.load_model turns it on: `activation_checkpointing_enable` where
+    """Activation checkpointing, as klrl.models.registry.load_model turns it on: `activation_checkpointing_enable` where
     transformers has it (newer 5.x), else the older `gradient_checkpointing_enable` (transformers 5.17 on the GPU
     machine has only that one)."""
     (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()

@@ -38,7 +38,7 @@ def _drift(run_dir: Path, cfg: Any) -> List[str]:
     stored = run_dir / ".hydra" / "config.yaml"
     if not stored.exists():
         return []
-    from klrl.trainer import RESUMABLE_KEYS, config_diff
+    from klrl.training.trainer import RESUMABLE_KEYS, config_diff
 
     try:
         old = OmegaConf.to_container(OmegaConf.load(stored), resolve=True)
@@ -71,7 +71,7 @@ class _SweepHygiene:
 
     # ------------------------------------------------------------ on the login node
     def _plan(self, overrides: List[str], num: int, sweep_dir: Path) -> Dict[str, Any]:
-        from klrl.status import FINAL, _read_summary
+        from klrl.runs.status import FINAL, _read_summary
 
         cfg = self.hydra_context.config_loader.load_sweep_config(self.config, overrides)  # type: ignore[attr-defined]
         with open_dict(cfg.hydra.job):
@@ -98,7 +98,7 @@ class _SweepHygiene:
         return executor
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        from klrl.status import FINAL, append_submission, collect, render
+        from klrl.runs.status import FINAL, append_submission, collect, render
 
         assert self.config is not None  # type: ignore[attr-defined]
         sweep_dir = Path(str(self.config.hydra.sweep.dir)).absolute()  # type: ignore[attr-defined]
@@ -169,7 +169,7 @@ class _SweepHygiene:
         A job that dies without a result file (killed, out of memory, a crash outside Python) is seen only through
         sacct, which submitit's watcher asks at most every 10 minutes about a job that is 20 minutes old; here sacct
         is asked once per poll (at most every poll_s) for all the arrays."""
-        from klrl.status import ACTIVE, _read_summary, derive
+        from klrl.runs.status import ACTIVE, _read_summary, derive
 
         folder = str(Path(self.params["submitit_folder"]).absolute())
         def final_state(job: Any) -> str:

@@ -1,7 +1,7 @@
 """`hydra/sweeper=klrl_grid`: Hydra's basic sweeper, whose job list is a union of cartesian products.
 
 With `hydra.sweeper.grid=NAME|FILE` each sub-grid of the grid file is crossed with the command line's overrides
-(klrl.sweep.expand: the same expansion `klrl sweep` validates before anything starts); the whole union goes to the
+(klrl.runs.sweep.expand: the same expansion `klrl sweep` validates before anything starts); the whole union goes to the
 launcher as one batch, i.e. one job array. Without a grid it is the basic sweeper.
 """
 
@@ -23,7 +23,7 @@ class GridSweeper(BasicSweeper):
     def split_arguments(self, overrides: List[Override], max_batch_size: Optional[int]) -> List[List[List[str]]]:
         if self.grid is None:
             return BasicSweeper.split_arguments(overrides, max_batch_size)
-        from klrl.sweep import expand, load_grid
+        from klrl.runs.sweep import expand, load_grid
 
         jobs = expand(load_grid(self.grid).subgrids, [o.input_line for o in overrides])
         n = max_batch_size or len(jobs)

@@ -1,7 +1,7 @@
 """Every KL configuration klrl can train, named, and built through the trainer's own `kl_spec`.
 
 A configuration is estimator x placement x form x importance weighting, restricted to the combinations
-`klrl.config.validate` accepts: reward_form and the sequence weight only where the KL is in the reward (the weight
+`klrl.config.schema.validate` accepts: reward_form and the sequence weight only where the KL is in the reward (the weight
 with the seqsum form only), the token weight only where it is in the loss. Names read
 `<estimator>-<placement>[+togo][+seqIS][+tokIS]`, e.g. `k3-both+togo+tokIS`.
 """
@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 from omegaconf import OmegaConf
 
-from klrl.config import kl_spec
-from klrl.estimators import ESTIMATORS
-from klrl.losses import KLSpec
+from klrl.config.schema import kl_spec
+from klrl.core.estimators import ESTIMATORS
+from klrl.core.losses import KLSpec
 
 REWARD_VARIANTS = (("seqsum", False), ("togo", False), ("seqsum", True))  # (reward_form, reward_is_weight)
 

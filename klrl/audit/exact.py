@@ -1,7 +1,7 @@
 """Exact bias and variance of each configuration's gradient estimator, by enumeration.
 
 The estimator of one configuration is g(Y) = grad_theta L(Y), L = the trainer's loss (`policy_loss`) on a group
-Y = (y_1..y_G) of i.i.d. responses. Its mean E[g] comes from `klrl.toy.expected_gradient`. Its variance,
+Y = (y_1..y_G) of i.i.d. responses. Its mean E[g] comes from `klrl.core.toy.expected_gradient`. Its variance,
 tr Cov[g] = E||g||^2 - ||E g||^2, needs every group's own gradient, obtained by the chain rule without one backward
 pass per group: L depends on theta only through the log-probs l_{it} = log pi(y_it | s_it), so
 
@@ -22,9 +22,9 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from klrl.distributions import Sampling
-from klrl.losses import KLSpec, PGSpec, policy_loss
-from klrl.toy import context_targets, exact_targets, group_token_norm, groups, log_probs, responses, scored
+from klrl.core.distributions import Sampling
+from klrl.core.losses import KLSpec, PGSpec, policy_loss
+from klrl.core.toy import context_targets, exact_targets, group_token_norm, groups, log_probs, responses, scored
 
 
 @dataclass
@@ -110,7 +110,7 @@ def moments(en: Enumeration, c: Tensor, chunk: int = 1 << 22) -> tuple[Tensor, f
 def targets(policy: nn.Module, ref: nn.Module, old: nn.Module | None = None, sampling: Sampling = Sampling()
             ) -> dict[str, Tensor]:
     """The named directions verdicts are expressed in. rev = grad KL(pi||pi_ref) (the objective), fwd =
-    grad KL(pi_ref||pi) (sequence level), Fctx / Rtok as in `klrl.toy.context_targets`; with `old`, also Fctx@old
+    grad KL(pi_ref||pi) (sequence level), Fctx / Rtok as in `klrl.core.toy.context_targets`; with `old`, also Fctx@old
     and Rtok@old, their versions over pi_old's contexts (what token-weighted losses follow off-policy)."""
     t = exact_targets(policy, ref, sampling)
     out = {"rev": t["reverse_kl"], "fwd": t["forward_kl"], "Fctx": t["context_forward"], "Rtok": t["token_reverse"]}

@@ -2,7 +2,7 @@
 
 Works on anything that can draw a batch of G responses and score them: `EnumerableSampler` (a tabular or tiny
 enumerable policy, where the exact answer is known and checks this code) or `ModelSampler` (a real causal LM through
-klrl.rollout.generate / response_logits / token_logprobs). Either way the gradient is that of the real
+klrl.sampling.rollout.generate / response_logits / token_logprobs). Either way the gradient is that of the real
 `policy_loss`, taken by autograd on the sampler's parameters.
 
 The test, per configuration c, against the reference r = k1-reward (unbiased on-policy):
@@ -26,7 +26,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from klrl.losses import PGSpec, policy_loss
+from klrl.core.losses import PGSpec, policy_loss
 
 
 @dataclass
@@ -50,8 +50,8 @@ class EnumerableSampler:
     """i.i.d. groups from `behaviour` (default: the policy) over an enumerable policy's responses."""
 
     def __init__(self, policy, ref, group_size: int, behaviour=None, seed: int = 0, sampling=None):
-        from klrl.distributions import Sampling
-        from klrl.toy import responses
+        from klrl.core.distributions import Sampling
+        from klrl.core.toy import responses
 
         self.policy, self.ref, self.group_size = policy, ref, group_size
         self.sampling = sampling or Sampling()
@@ -64,7 +64,7 @@ class EnumerableSampler:
         return [self.policy.theta]
 
     def draw(self) -> Batch:
-        from klrl.toy import scored
+        from klrl.core.toy import scored
 
         idx = torch.multinomial(self.probs, self.group_size, replacement=True, generator=self.gen)
         logp, ref = scored(self.policy, self.ref, self.seqs[idx], self.mask[idx], self.sampling)
@@ -76,7 +76,7 @@ class ModelSampler:
 
     def __init__(self, model, ref, tokenizer, prompt_ids: list[int], group_size: int, max_new_tokens: int,
                  sampling=None):
-        from klrl.distributions import Sampling
+        from klrl.core.distributions import Sampling
 
         self.model, self.ref, self.tok = model, ref, tokenizer
         self.prompt_ids, self.group_size, self.max_new_tokens = prompt_ids, group_size, max_new_tokens
@@ -86,8 +86,8 @@ class ModelSampler:
         return [p for p in self.model.parameters() if p.requires_grad]
 
     def draw(self) -> Batch:
-        from klrl.distributions import token_logprobs
-        from klrl.rollout import generate, sampler_logits, support_of
+        from klrl.core.distributions import token_logprobs
+        from klrl.sampling.rollout import generate, sampler_logits, support_of
 
         # Scored as the trainer scores them: the distribution sampled from (temperature, top-p), the reference cut
         # to the policy's support.

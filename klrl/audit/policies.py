@@ -1,7 +1,7 @@
 """The enumerable policies the audit works on: tabular logits, or a tiny transformer behind the same interface.
 
-What `klrl.toy` and the audit need from a policy: `logits(seqs) -> [B, T, V]` (raw; the sampling distribution is
-made from them by the trainer's `klrl.distributions`), `all_sequences() -> ([N, T] ids, [N, T] mask)`, `vocab`,
+What `klrl.core.toy` and the audit need from a policy: `logits(seqs) -> [B, T, V]` (raw; the sampling distribution is
+made from them by the trainer's `klrl.core.distributions`), `all_sequences() -> ([N, T] ids, [N, T] mask)`, `vocab`,
 `length`, `eos`, and one parameter tensor `theta` (toy.flat_grad differentiates with respect to `policy.theta`).
 The transformer adapter therefore keeps all the network's weights as one flat vector and runs the network
 functionally on views of it.
@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from klrl.toy import TabularPolicy, enumerate_sequences
+from klrl.core.toy import TabularPolicy, enumerate_sequences
 
 
 class TransformerPolicy(nn.Module):

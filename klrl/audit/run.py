@@ -16,14 +16,14 @@ from klrl.audit import exact as ex
 from klrl.audit.configs import AuditConfig
 from klrl.audit.policies import TRIPLES, Triple, tabular_triple
 from klrl.audit.verdicts import judge
-from klrl.distributions import Sampling
-from klrl.losses import PGSpec
-from klrl.toy import expected_gradient, log_probs
+from klrl.core.distributions import Sampling
+from klrl.core.losses import PGSpec
+from klrl.core.toy import expected_gradient, log_probs
 
 
 def seq_kl(p, q, sampling: Sampling = Sampling()) -> float:
     """Exact sequence-level KL(p || q) between two sampling distributions, by enumeration (q cut to p's support)."""
-    from klrl.toy import dist_logits, support
+    from klrl.core.toy import dist_logits, support
 
     with torch.no_grad():
         seqs, mask = p.all_sequences()

@@ -25,8 +25,8 @@ from functools import lru_cache
 from torch import Tensor
 
 from klrl.audit import exact as ex
-from klrl.distributions import Sampling
-from klrl.losses import KLSpec, PGSpec
+from klrl.core.distributions import Sampling
+from klrl.core.losses import KLSpec, PGSpec
 
 # Words for the named targets of an exact decomposition (see klrl.audit.exact.targets).
 WORDS = {
@@ -158,7 +158,7 @@ def toy_pg(pg: PGSpec, toy: Toy) -> PGSpec:
 def mean_gradient(kl: KLSpec, pg: PGSpec, sampling: Sampling = Sampling(), off_policy: bool = False,
                   toy: Toy = DEFAULT_TOY) -> Tensor:
     """Exact E[grad of the trainer's loss] per unit beta, task reward 0, on the toy (on- or off-policy)."""
-    from klrl.toy import expected_gradient
+    from klrl.core.toy import expected_gradient
 
     tr = _triple(toy)
     g = expected_gradient(tr.policy, tr.ref, kl, toy_pg(pg, toy), toy.group_size,
@@ -186,7 +186,7 @@ def config_verdict(cfg, off_policy: bool | None = None, toy: Toy = DEFAULT_TOY) 
     whether the run trains off-policy (`is_off_policy`)."""
     from omegaconf import OmegaConf
 
-    from klrl.config import kl_spec, pg_spec, sampling_spec
+    from klrl.config.schema import kl_spec, pg_spec, sampling_spec
 
     c = OmegaConf.create(cfg) if isinstance(cfg, dict) else cfg
     off = is_off_policy(c) if off_policy is None else off_policy
@@ -197,7 +197,7 @@ def algo_presets() -> list[str]:
     """The algo presets conf/algo/ ships (rloo, grpo, dr_grpo, ...)."""
     from pathlib import Path
 
-    from klrl.config import CONF_DIR
+    from klrl.config.schema import CONF_DIR
 
     names = sorted(p.stem for p in (Path(CONF_DIR) / "algo").glob("*.yaml"))
     return sorted(names, key=lambda n: n != "rloo")  # the default (the paper's) first
@@ -205,7 +205,7 @@ def algo_presets() -> list[str]:
 
 def compose(overrides: list[str]):
     """A `klrl train` config (validated) for verdict tables."""
-    from klrl.audit.mc_cli import compose as compose_train
+    from klrl.cli.audit_mc import compose as compose_train
 
     return compose_train(overrides)
 
@@ -214,7 +214,7 @@ def preset_verdicts(overrides: list[str], names: list[str], toy: Toy = DEFAULT_T
     """{algo preset: {"agg": ..., "baseline": ..., "configs": {name: {"on_policy": Verdict, "off_policy": Verdict}}}}
     for the named KL configurations, with the other overrides (sampling, clamps, beta) applied to every preset."""
     from klrl.audit.configs import select
-    from klrl.config import pg_spec, sampling_spec
+    from klrl.config.schema import pg_spec, sampling_spec
 
     base = [o for o in overrides if o.split("=", 1)[0].lstrip("+~").split(".")[0].split("/")[0] != "algo"]
     out = {}
@@ -233,7 +233,7 @@ def beta_sensitivity(algo: str, names: list[str], betas=(1.0, 0.1, 0.01), toy: T
     """{name: {beta: (scale of the *total* KL gradient along grad KL, i.e. fit * beta; cosine)}} under an algo
     preset: linear in beta for every baseline but grpo's, whose group std rescales a reward-placed penalty."""
     from klrl.audit.configs import select
-    from klrl.config import pg_spec, sampling_spec
+    from klrl.config.schema import pg_spec, sampling_spec
 
     out: dict = {}
     for beta in betas:

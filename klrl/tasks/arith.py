@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 
-from klrl.config import ArithTaskConfig, ConfigError
+from klrl.config.schema import ArithTaskConfig, ConfigError
 from klrl.tasks.base import Problem, Task
 
 ALPHABET = "0123456789+="

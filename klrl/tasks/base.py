@@ -6,14 +6,14 @@ import random
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Sequence
 
-from klrl.checkers import CHECKERS
+from klrl.tasks.checkers import CHECKERS
 
 
 @dataclass(frozen=True)
 class Problem:
     prompt: str  # the question as the user would ask it; chat templates are applied by the model side
     answer: str  # the reference answer the checker compares against
-    checker: str = "exact"  # key into klrl.checkers.CHECKERS
+    checker: str = "exact"  # key into klrl.tasks.checkers.CHECKERS
     meta: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
 
@@ -21,7 +21,7 @@ class Task:
     """A verifiable task. Subclasses set `name`, implement `check`, `sample_train` and `eval_splits`."""
 
     name: ClassVar[str]
-    schema: ClassVar[type]  # the dataclass that types this task's config (a subclass of klrl.config.TaskConfig)
+    schema: ClassVar[type]  # the dataclass that types this task's config (a subclass of klrl.config.schema.TaskConfig)
 
     @classmethod
     def check(cls, cfg: Any) -> None:

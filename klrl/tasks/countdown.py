@@ -17,7 +17,7 @@ import json
 import random
 from dataclasses import dataclass
 
-from klrl.config import ConfigError, TaskConfig
+from klrl.config.schema import ConfigError, TaskConfig
 from klrl.tasks.base import Problem, Task
 
 

@@ -17,10 +17,10 @@ import random
 from dataclasses import dataclass, field
 from typing import List
 
-from klrl.checkers import last_boxed
-from klrl.config import ConfigError, TaskConfig
+from klrl.tasks.checkers import last_boxed
+from klrl.config.schema import ConfigError, TaskConfig
 from klrl.tasks.base import Problem, Task
-from klrl.tasks.hub import DataSource, check_source, fixed_subset, load_rows
+from klrl.hub import DataSource, check_source, fixed_subset, load_rows
 from klrl.tasks.mmlu import COLLEGE, check_mmlu, load_mmlu
 
 log = logging.getLogger(__name__)

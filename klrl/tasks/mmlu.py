@@ -12,9 +12,9 @@ import random
 from dataclasses import dataclass, field
 from typing import List
 
-from klrl.config import ConfigError, TaskConfig
+from klrl.config.schema import ConfigError, TaskConfig
 from klrl.tasks.base import Problem, Task
-from klrl.tasks.hub import DataSource, check_source, fixed_subset, load_rows
+from klrl.hub import DataSource, check_source, fixed_subset, load_rows
 
 LETTERS = "ABCDEFGHIJ"
 COLLEGE = ["college_physics", "college_chemistry", "college_biology"]

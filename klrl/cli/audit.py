@@ -1,0 +1,276 @@
+"""`klrl audit [OVERRIDE ...]`: argument handling, input limits, and the order of work.
+
+The overrides are `klrl train`'s (`klrl audit algo=grpo estimator=k3 placement=loss generation.temperature=0.7`):
+the audit composes the same config, validates it the same way, and audits the loss `klrl train` would run with it
+(baseline, aggregation, clamps, importance weights, temperature, top-p) on an enumerable toy. Without an estimator
+or placement override it audits every KL configuration under the config's algo. Bad input is one `klrl: ...`
+line, exit 2, before any work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import asdict
+
+import torch
+
+MAX_GROUPS = 2**18  # N**G groups enumerated per configuration (N responses)
+MAX_ROWS = 4096  # N * T per-token score vectors: the Jacobian and its Gram matrix are that size squared
+AUTO_SWEEP_GROUPS = 2**13  # the default length sweep stops where it would get slow
+# Groups of `klrl train` overrides that change the loss the exact audit enumerates; the rest (model, task, ...)
+# only matter to --mc, whose policy is a real model.
+EXACT_GROUPS = ("estimator", "placement", "algo", "beta", "generation", "async_level", "preset")
+KL_SELECTORS = ("estimator", "placement", "preset")  # naming one of these audits that configuration alone
+
+
+class AuditError(ValueError):
+    """Bad input; its message is the one line the user sees."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse's own error is two lines (usage + message); we want one
+        raise AuditError(message)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="klrl audit",
+                description="Exact (or Monte-Carlo) bias and variance of the gradient of every KL configuration, "
+                            "through the loss `klrl train` runs with the same overrides.")
+    p.add_argument("overrides", nargs="*", help="`klrl train` overrides, e.g. algo=grpo estimator=k3 placement=loss "
+                   "generation.temperature=0.7 (default: every KL configuration under algo=rloo)")
+    p.add_argument("--vocab", type=int, default=3, help="vocabulary size V of the enumerable policy (default 3)")
+    p.add_argument("--length", type=int, default=3, help="longest response T, the generation budget (default 3)")
+    p.add_argument("--no-eos", action="store_true", help="every response has length T (default: token V-1 is EOS)")
+    p.add_argument("--group-size", type=int, default=2, help="samples per group G (default 2; algo.group_size is "
+                   "too large to enumerate)")
+    p.add_argument("--baseline", help="shorthand for the override algo.baseline=B")
+    p.add_argument("--distance", type=float, default=0.5, help="std of the per-logit noise taking pi away from pi_ref "
+                   "(default 0.5; the transformer's weights move 0.1x this)")
+    p.add_argument("--off-distance", type=float, default=0.5, help="the same for pi_old away from pi (default 0.5)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random policies (default 0)")
+    p.add_argument("--config", action="append", metavar="PATTERN",
+                   help="configurations to audit (glob, repeatable, comma lists; default all)")
+    p.add_argument("--policy", default="both", choices=("tabular", "transformer", "both"), help="parametrisation(s)")
+    p.add_argument("--sweep-vocab", type=int, default=2, help="V of the length sweep (default 2, binary tokens)")
+    p.add_argument("--sweep-lengths", default="auto", help="T values of the sweep: 1-6, 1,2,4, auto, or none")
+    p.add_argument("--sweep-seeds", type=int, default=4, help="random policy pairs averaged per length (default 4)")
+    p.add_argument("--json", metavar="PATH", help="write every number here")
+    p.add_argument("--plot", metavar="PATH", help="write the bias/variance-against-T plot (PNG) here")
+    p.add_argument("--markdown", action="store_true",
+                   help="print the README's verdict tables (generated, never typed) and exit")
+    p.add_argument("--mc", action="store_true", help="Monte-Carlo mode on a real model (model=..., task=...)")
+    p.add_argument("--batches", type=int, default=200, help="--mc: paired test batches (default 200)")
+    p.add_argument("--pilot", type=int, default=200, help="--mc: pilot batches of the reference (default 200)")
+    p.add_argument("--noise", type=float, default=0.05, help="--mc: relative weight noise taking pi away from pi_ref")
+    return p
+
+
+def _check_size(what: str, V: int, T: int, G: int, eos: bool) -> None:
+    from klrl.core.toy import enumerate_sequences
+
+    n = len(enumerate_sequences(V, T, V - 1 if eos else None)[0]) if V**T <= 10**6 else V**T
+    if n**G > MAX_GROUPS:
+        raise AuditError(f"{what} V={V} T={T} G={G} needs N^G = {n}^{G} = {n**G:.3g} groups to enumerate; "
+                         f"the limit is {MAX_GROUPS} (lower the vocabulary, the length or --group-size)")
+    if n * T > MAX_ROWS:
+        raise AuditError(f"{what} V={V} T={T} has N*T = {n * T} per-token score vectors; the limit is {MAX_ROWS}")
+
+
+def _lengths(spec: str, V: int, G: int, eos: bool) -> list[int]:
+    if spec == "none":
+        return []
+    if spec == "auto":
+        return [T for T in range(1, 7) if (V**T) ** G <= AUTO_SWEEP_GROUPS and V**T * T <= MAX_ROWS]
+    try:
+        if "-" in spec:
+            lo, hi = (int(x) for x in spec.split("-"))
+            out = list(range(lo, hi + 1))
+        else:
+            out = [int(x) for x in spec.split(",")]
+    except ValueError:
+        raise AuditError(f"--sweep-lengths {spec!r} is not valid; use e.g. 1-6, 1,2,4, auto or none") from None
+    if not out or min(out) < 1:
+        raise AuditError(f"--sweep-lengths {spec!r} must list lengths >= 1")
+    for T in out:
+        _check_size("--sweep-lengths:", V, T, G, False)
+    return out
+
+
+def _key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~").split(".")[0].split("/")[0]
+
+
+def compose(a: argparse.Namespace):
+    """The `klrl train` config of the overrides, validated (one line on error)."""
+    from klrl.cli.audit_mc import compose as compose_train
+
+    overrides = list(a.overrides) + ([f"algo.baseline={a.baseline}"] if a.baseline else [])
+    if not a.mc:
+        for o in overrides:
+            if _key(o) not in EXACT_GROUPS:
+                raise AuditError(f"{o!r} has no effect on the exact audit, whose policy is an enumerable toy; it "
+                                 f"takes {', '.join(EXACT_GROUPS)} overrides (use --mc to audit model=/task=)")
+    return compose_train(overrides)
+
+
+def validate(a: argparse.Namespace):
+    """-> (the composed config, the configurations to audit)."""
+    from klrl.audit.configs import from_config, select
+
+    cfg = compose(a)
+    if cfg.estimator.name == "none":
+        raise AuditError("estimator=none has no KL gradient to audit; choose an estimator")
+    patterns = [p for arg in a.config or [] for p in arg.split(",") if p]
+    named = any(_key(o) in KL_SELECTORS for o in a.overrides)
+    if named and patterns:
+        raise AuditError("--config and estimator=/placement= overrides both choose configurations; use one")
+    clamps = (cfg.estimator.clamp_log_ratio, cfg.estimator.clamp_value)
+    try:
+        configs = [from_config(cfg)] if named else select(patterns, float(cfg.beta), clamps)
+    except ValueError as e:
+        raise AuditError(str(e)) from None
+    if a.mc:
+        if a.batches < 8 or a.pilot < 1:
+            raise AuditError(f"--batches {a.batches} / --pilot {a.pilot}: need >= 8 test batches and >= 1 pilot batch")
+        return cfg, configs
+    if a.vocab < 2 or a.length < 1:
+        raise AuditError(f"--vocab {a.vocab} / --length {a.length}: need a vocabulary >= 2 and a length >= 1")
+    if a.sweep_vocab < 2:
+        raise AuditError(f"--sweep-vocab {a.sweep_vocab}: need >= 2")
+    if a.group_size < 2:
+        raise AuditError(f"--group-size {a.group_size} is too small; a group needs >= 2 samples "
+                         "(the single-sample estimator is reported in the 'var 1' column)")
+    if a.distance < 0 or a.off_distance < 0:
+        raise AuditError("--distance and --off-distance must be >= 0")
+    _check_size("--vocab/--length/--group-size:", a.vocab, a.length, a.group_size, not a.no_eos)
+    if a.sweep_seeds < 1:
+        raise AuditError(f"--sweep-seeds {a.sweep_seeds}: need >= 1")
+    a.lengths = _lengths(a.sweep_lengths, a.sweep_vocab, a.group_size, not a.no_eos)
+    return cfg, configs
+
+
+def describe(cfg, a: argparse.Namespace) -> str:
+    from klrl.audit.verdicts import is_off_policy
+    from klrl.config.schema import pg_spec, sampling_spec
+
+    pg, s = pg_spec(cfg, budget=a.length), sampling_spec(cfg)
+    trains = "off-policy" if is_off_policy(cfg) else "on-policy"
+    parts = [f"algo={cfg.algo.name} (baseline {pg.baseline}, agg {pg.agg}", ]
+    if pg.agg_norm is not None:
+        parts[-1] += f" / {pg.agg_norm:g}"
+    parts[-1] += ")"
+    if pg.is_truncate is not None or pg.ratio_clip is not None:
+        parts.append(f"is_truncate={pg.is_truncate} ratio_clip={pg.ratio_clip}")
+    if s.temperature != 1 or s.top_p != 1:
+        parts.append(f"temperature={s.temperature:g} top_p={s.top_p:g}")
+    eos = "no EOS" if a.no_eos else "EOS = token V-1"
+    return (f"{', '.join(parts)}; beta={cfg.beta:g}, this config trains {trains}; V={a.vocab} T<={a.length} ({eos}) "
+            f"G={a.group_size} (algo.group_size={cfg.algo.group_size} is not enumerable)")
+
+
+def run_exact(a: argparse.Namespace, cfg, configs: list) -> dict:
+    from klrl.audit import report
+    from klrl.audit.run import audit_policy, length_sweep
+    from klrl.config.schema import pg_spec, sampling_spec
+
+    pg, sampling = pg_spec(cfg, budget=a.length), sampling_spec(cfg)
+    eos = None if a.no_eos else a.vocab - 1
+    kinds = ["tabular", "transformer"] if a.policy == "both" else [a.policy]
+    keys = ("vocab", "length", "group_size", "distance", "off_distance", "seed")
+    settings = {k: getattr(a, k) for k in keys}
+    result: dict = {"mode": "exact", "settings": {
+        **settings, "eos": eos, "overrides": list(a.overrides), "algo": cfg.algo.name, "baseline": pg.baseline,
+        "agg": pg.agg, "agg_norm": pg.agg_norm, "beta": float(cfg.beta), "temperature": sampling.temperature,
+        "top_p": sampling.top_p, "limits": {"max_groups": MAX_GROUPS, "max_score_vectors": MAX_ROWS}},
+        "policies": {}}
+    for kind in kinds:
+        result["policies"][kind] = audit_policy(kind, a.vocab, a.length, a.group_size, pg, a.distance,
+                                                a.off_distance, a.seed, configs, sampling, eos)
+    if a.lengths:
+        seeds = [a.seed + 1000 * i for i in range(a.sweep_seeds)]
+        # Fixed-length responses: "against T" means what it says (the paper's Fig. 2 toy, binary tokens).
+        sweep = length_sweep(a.sweep_vocab, a.lengths, a.group_size, pg, a.distance, seeds, configs, sampling)
+        result["length_sweep"] = {**sweep, "group_size": a.group_size, "baseline": pg.baseline, "agg": pg.agg}
+    print(describe(cfg, a))
+    print()
+    print(report.regime_table("On-policy (y ~ pi)", result, "on_policy", a.group_size))
+    print()
+    print(report.regime_table("Off-policy (y ~ pi_old, weights as configured)", result, "off_policy", a.group_size))
+    print()
+    if len(configs) > 1:
+        from klrl.audit.verdicts import preset_verdicts
+
+        presets = preset_verdicts(list(a.overrides), [c.name for c in configs])
+        result["presets"] = {algo: {**p, "configs": {n: {k: {**asdict(v), "text": v.text} for k, v in regs.items()}
+                                                      for n, regs in p["configs"].items()}}
+                             for algo, p in presets.items()}
+        print(report.preset_table(presets))
+        print()
+    if "length_sweep" in result:
+        print(report.sweep_table(result["length_sweep"]))
+        print()
+    print(report.LEGEND)
+    return result
+
+
+def _check_writable(path: str | None, what: str) -> None:
+    """Before the work: an output path that cannot be written fails now, not after the whole audit."""
+    if not path:
+        return
+    from pathlib import Path
+
+    target = Path(path)
+    parent = target.parent if str(target.parent) else Path(".")
+    probe = parent
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    import os
+
+    if target.is_dir() or not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK) or (
+            target.exists() and not os.access(target, os.W_OK)):
+        raise AuditError(f"{what} {path}: cannot write there")
+
+
+def main(argv: list[str]) -> None:
+    t0 = time.perf_counter()
+    threads = torch.get_num_threads()
+    try:
+        a = parser().parse_args(argv)
+        if a.markdown:
+            from klrl.audit.report import readme_tables
+
+            print(readme_tables(), end="")
+            return
+        cfg, configs = validate(a)
+        _check_writable(a.json, "--json")
+        _check_writable(a.plot, "--plot")
+        if a.plot and (a.mc or not a.lengths):
+            raise AuditError("--plot draws the exact length sweep; it needs a sweep and no --mc")
+        if a.mc:
+            from klrl.cli.audit_mc import run_mc
+
+            result = run_mc(a, configs)
+        else:
+            # Thousands of tiny tensor ops: intra-op threads only add synchronisation, and on a busy machine their
+            # spin-waits slow the audit down 10-20x.
+            torch.set_num_threads(1)
+            result = run_exact(a, cfg, configs)
+    except AuditError as e:
+        print(f"klrl: audit: {e}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        torch.set_num_threads(threads)
+    from klrl.audit import report
+
+    result["runtime_s"] = round(time.perf_counter() - t0, 2)
+    try:
+        if a.json:
+            report.write_json(a.json, result)
+        if a.plot and "length_sweep" in result:
+            report.write_plot(a.plot, result["length_sweep"])
+    except OSError as e:
+        print(f"klrl: audit: cannot write {e.filename or 'output'}: {e.strerror or e}", file=sys.stderr)
+        sys.exit(2)
+    print(f"\naudit finished in {result['runtime_s']:.1f} s")

@@ -1,0 +1,63 @@
+"""`pretrained`: the `hf` source with the two things the paper's models need beyond it.
+
+- `eos_token`: the token(s) that end a response, replacing the checkpoint's own list (generation_config's
+  eos_token_id, which by default ends a response at every id it declares: Llama-3.1 declares three). Qwen2.5-7B
+  (base) declares <|endoftext|> only, but under the chat template a turn ends with <|im_end|>; without the override
+  sampling runs on into invented turns until max_new_tokens, and the checker reads an answer from them.
+With the hub switched off (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE), `check` wants the checkpoint in the cache
+already and says how to put it there, instead of a long traceback once the run has started.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from klrl.config.schema import ConfigError, HFModelConfig
+from klrl.hub import TRUE, hub_cache, in_hub_cache, is_local
+
+
+@dataclass
+class PretrainedModelConfig(HFModelConfig):
+    eos_token: Any = None  # a token or a list of tokens; None = the checkpoint's generation_config list
+
+
+class PretrainedSource:
+    schema = PretrainedModelConfig
+
+    @staticmethod
+    def check(cfg: DictConfig) -> None:
+        from klrl.models.registry import HFSource
+
+        HFSource.check(cfg)
+        eos = cfg.eos_token
+        tokens = [eos] if isinstance(eos, str) else list(eos) if eos is not None else []
+        if eos is not None and (not tokens or not all(isinstance(t, str) and t for t in tokens)):
+            raise ConfigError(f"model.eos_token={eos!r} is not valid; give a token or a list of tokens, e.g. "
+                              "'<|im_end|>' or [<|eot_id|>,<|eom_id|>]")
+        hf_id = str(cfg.hf_id)
+        off = any(os.environ.get(k, "").lower() in TRUE for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+        if off and not is_local(hf_id) and not in_hub_cache(hf_id, "models"):
+            raise ConfigError(f"model.hf_id={hf_id!r} is not in the Hugging Face cache ({hub_cache()}) and the hub is off; "
+                              f"pre-download it with `hf download {hf_id}` (or `huggingface-cli download {hf_id}`), "
+                              "or give model.hf_id a local checkpoint directory")
+
+    @staticmethod
+    def load(cfg: DictConfig, task, task_cfg: DictConfig, cache_dir: Path):
+        from klrl.models.registry import HFSource
+
+        model, tokenizer = HFSource.load(cfg, task, task_cfg, cache_dir)
+        if cfg.eos_token is not None:
+            tokens = [cfg.eos_token] if isinstance(cfg.eos_token, str) else list(cfg.eos_token)
+            vocab = tokenizer.get_vocab()
+            for t in tokens:
+                if t not in vocab:
+                    raise ConfigError(f"model.eos_token={t!r} is not a token of {cfg.hf_id}")
+            tokenizer.eos_token = tokens[0]
+            ids = [vocab[t] for t in tokens]
+            model.generation_config.eos_token_id = ids[0] if isinstance(cfg.eos_token, str) else ids
+        return model, tokenizer

@@ -1,0 +1,337 @@
+"""`klrl status SWEEP_DIR`: the state of every run of a sweep, from its run directories and from the scheduler.
+
+Sources, joined per run directory (relative to the sweep dir):
+  - SWEEP_DIR/submissions.jsonl, written by klrl's launchers at each submission: the runs, their overrides and
+    steps, the job id of each (SLURM array task `12_3`, or a local process id);
+  - every run directory found on disk (`.hydra/overrides.yaml`), so sweeps launched by other launchers show too;
+  - summary.json (status, step at the last checkpoint, error) and the tail of metrics.jsonl (the live step);
+  - squeue (jobs slurmctld still holds, finished ones included) and sacct (older ones) for the recorded job ids.
+
+The run's own summary wins when it is final (completed, diverged); otherwise a job the scheduler still holds makes
+the run pending or running (so a resubmitted failed run shows as pending), and a job that ended without the run
+finishing makes it failed, with the scheduler's state and the job log's last line as detail.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import subprocess
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from klrl.runs.rundir import METRICS, SUMMARY, read_jsonl
+
+SUBMISSIONS = "submissions.jsonl"
+STATUSES = ("pending", "running", "completed", "diverged", "failed", "unknown")
+FINAL = ("completed", "diverged")
+# SLURM job states in which the job still exists and may (again) run.
+ACTIVE = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED",
+          "RESIZING", "SIGNALING", "STAGE_OUT", "STOPPED", "RESV_DEL_HOLD"}
+WAITING = {"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESV_DEL_HOLD", "SUSPENDED", "STOPPED"}
+
+USAGE = """usage: klrl status SWEEP_DIR|NAME [--json]
+
+The state of every run of a sweep: pending, running, completed, diverged, failed (with the reason), the step reached,
+and the SLURM job of each. NAME means outputs/sweeps/NAME.
+"""
+
+
+@dataclass
+class RunState:
+    run: str  # run directory relative to the sweep dir
+    status: str
+    step: int | None = None
+    steps: int | None = None
+    job_id: str | None = None
+    scheduler: str | None = None  # SLURM state, or RUNNING/ENDED for a local process
+    detail: str = ""
+    overrides: list[str] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------------------------- reading runs
+def read_submissions(sweep_dir: Path) -> list[dict]:
+    return read_jsonl(Path(sweep_dir) / SUBMISSIONS)
+
+
+def append_submission(sweep_dir: Path, record: dict) -> None:
+    with (Path(sweep_dir) / SUBMISSIONS).open("a") as f:
+        f.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+def last_train_step(run_dir: Path, tail_bytes: int = 65536) -> int | None:
+    """The step of the last training record in metrics.jsonl (read from its end: the file grows with the run)."""
+    path = Path(run_dir) / METRICS
+    try:
+        with path.open("rb") as f:
+            f.seek(0, 2)
+            size = f.tell()
+            f.seek(max(0, size - tail_bytes))
+            lines = f.read().decode(errors="replace").splitlines()
+    except OSError:
+        return None
+    for line in reversed(lines):
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if rec.get("kind") == "train":
+            return int(rec["step"])
+    return None
+
+
+def _read_summary(run_dir: Path) -> dict | None:
+    try:
+        return json.loads((run_dir / SUMMARY).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _disk_runs(sweep_dir: Path) -> dict[str, list[str]]:
+    import yaml
+
+    out = {}
+    for p in sorted(sweep_dir.rglob(".hydra/overrides.yaml")):
+        if ".submitit" in p.parts:
+            continue
+        try:
+            overrides = yaml.safe_load(p.read_text()) or []
+        except (OSError, yaml.YAMLError):
+            overrides = []
+        out[str(p.parent.parent.relative_to(sweep_dir))] = [str(o) for o in overrides]
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ scheduler
+def expand_job_ids(job_id: str) -> list[str]:
+    """`12_[3-5,7%2]` (how squeue/sacct print pending array tasks) -> 12_3 12_4 12_5 12_7."""
+    m = re.fullmatch(r"(\d+)_\[([^\]]+)\]", job_id)
+    if not m:
+        return [job_id]
+    base, spec = m.group(1), m.group(2).split("%")[0]
+    out = []
+    for part in spec.split(","):
+        rng, _, step = part.partition(":")
+        lo, _, hi = rng.partition("-")
+        out += [f"{base}_{i}" for i in range(int(lo), int(hi or lo) + 1, int(step or 1))]
+    return out
+
+
+def _query(cmd: list[str]) -> list[tuple[str, str]] | None:
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if r.returncode:
+        return None
+    rows = []
+    for line in r.stdout.splitlines():
+        parts = line.strip().split("|")
+        if len(parts) >= 2 and parts[0]:
+            state = parts[1].split()[0].upper() if parts[1].strip() else "UNKNOWN"  # "CANCELLED by 0"
+            rows += [(jid, state) for jid in expand_job_ids(parts[0])]
+    return rows
+
+
+def slurm_states(job_ids: list[str]) -> dict[str, str] | None:
+    """Job id -> SLURM state for the given jobs (array tasks `A_i`); None when neither squeue nor sacct answers."""
+    if not job_ids:
+        return {}
+    arrays = ",".join(sorted({j.split("_")[0] for j in job_ids}, key=lambda s: (len(s), s)))
+    acct = _query(["sacct", "-n", "-X", "-P", "-j", arrays, "-o", "JobID,State"])
+    queue = _query(["squeue", "-h", "-r", "--states=all", "-j", arrays, "-o", "%i|%T"])
+    if acct is None and queue is None:
+        return None
+    states = dict(acct or [])
+    states.update(queue or [])  # slurmctld is ahead of the accounting database, which hears of changes later
+    return states
+
+
+def local_states(job_ids: list[str]) -> dict[str, str]:
+    return {j: "RUNNING" if Path(f"/proc/{j.split('_')[0]}").exists() else "ENDED" for j in job_ids}
+
+
+def scheduler_states(records: dict[str, dict]) -> tuple[dict[str, str], bool]:
+    """-> (job id -> state, whether the scheduler could be asked about every recorded job)."""
+    slurm = [r["job_id"] for r in records.values() if r.get("executor") == "slurm" and r.get("job_id")]
+    here = socket.gethostname()
+    local = [r["job_id"] for r in records.values()
+             if r.get("executor") == "local" and r.get("job_id") and r.get("host") == here]
+    states, complete = {}, True
+    if slurm:
+        found = slurm_states(slurm)
+        complete = found is not None
+        states.update(found or {})
+    states.update(local_states(local))
+    if any(r.get("executor") == "local" and r.get("host") != here for r in records.values()):
+        complete = False
+    return states, complete
+
+
+# ------------------------------------------------------------------------------------------------ deriving
+def job_error(record: dict | None) -> str:
+    """Why a run's job failed, from its submitit files: the error a sweep job returned (the Hydra app raises in
+    a sweep; Hydra turns that into a failed JobReturn and the job itself ends COMPLETED), the last line of a
+    traceback submitit caught, or the last `klrl:` line of the job's stderr."""
+    if not record or not record.get("folder") or not record.get("job_id"):
+        return ""
+    job_id = record["job_id"]
+    folder = Path(record["folder"].replace("%j", job_id))
+    result = folder / f"{job_id}_0_result.pkl"
+    if result.exists():
+        try:
+            import pickle
+
+            from hydra.core.utils import JobStatus
+
+            with result.open("rb") as f:
+                outcome, value = pickle.load(f)
+            if outcome == "error":
+                lines = [ln for ln in str(value).strip().splitlines() if ln.strip()]
+                return lines[-1].strip()[:300] if lines else "error"
+            if getattr(value, "status", None) == JobStatus.FAILED:
+                err = getattr(value, "_return_value", None)
+                return f"{err}"[:300] if isinstance(err, BaseException) else "failed"
+        except Exception:  # unreadable or from another version: fall back on the log
+            pass
+    err = folder / f"{job_id}_0_log.err"
+    try:
+        lines = [ln.strip() for ln in err.read_text(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return ""
+    klrl_lines = [ln for ln in lines if ln.startswith("klrl:")]
+    return f"{klrl_lines[-1][:300]} ({err})" if klrl_lines else f"see {err}"
+
+
+def derive(summary: dict | None, sched: str | None, record: dict | None) -> tuple[str, str]:
+    """-> (status, detail) for one run."""
+    st = (summary or {}).get("status")
+    if st in FINAL:
+        return st, ""
+    if sched in ACTIVE:
+        if sched in WAITING:
+            return "pending", "requeued" if summary else ""
+        return "running", ""
+    if st == "failed":
+        return "failed", str(summary.get("error", ""))
+    if sched is None:
+        if st == "running":
+            return "running", "no scheduler record" if record and record.get("job_id") else ""
+        return "unknown", "no run directory and no scheduler record"
+    why = job_error(record)
+    return "failed", f"job ended ({sched}) without finishing the run" + (f": {why}" if why else "")
+
+
+def collect(sweep_dir: Path, sched: dict[str, str] | None = None, only: list[str] | None = None) -> list[RunState]:
+    """Every run of the sweep (or those named in `only`), in submission order, then the ones only found on disk.
+
+    `sched` gives the scheduler states to use (job id -> state) instead of asking squeue/sacct.
+    """
+    sweep_dir = Path(sweep_dir)
+    records: dict[str, dict] = {}
+    for sub in read_submissions(sweep_dir):
+        for kind in ("runs", "skipped"):
+            for r in sub.get(kind, []):
+                prev = records.get(r["run"], {})
+                if kind == "skipped":  # a skip is no new job: keep the one that ran it
+                    records[r["run"]] = {**r, **{k: prev[k] for k in ("job_id", "executor", "folder", "host") if k in prev}}
+                else:
+                    records[r["run"]] = {**r, "executor": sub.get("executor"), "folder": sub.get("folder"),
+                                         "host": sub.get("host")}
+    disk = _disk_runs(sweep_dir) if sweep_dir.is_dir() else {}
+    names = list(records) + [d for d in disk if d not in records]
+    if only is not None:
+        wanted = set(only)
+        names = [n for n in names if n in wanted]
+    if sched is None:
+        sched, _ = scheduler_states({n: records[n] for n in names if n in records})
+    out = []
+    for name in names:
+        rec = records.get(name)
+        run_dir = sweep_dir / name
+        summary = _read_summary(run_dir)
+        job_id = rec.get("job_id") if rec else None
+        state = sched.get(job_id) if job_id else None
+        status, detail = derive(summary, state, rec)
+        live = last_train_step(run_dir)
+        step = live if live is not None else (summary or {}).get("step")
+        if status in FINAL and summary:
+            step = summary.get("step", step)
+        steps = (summary or {}).get("steps", (rec or {}).get("steps"))
+        out.append(RunState(run=name, status=status, step=step, steps=steps, job_id=job_id, scheduler=state,
+                            detail=detail, overrides=(rec or {}).get("overrides") or disk.get(name, [])))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ output
+def _labels(states: list[RunState]) -> tuple[list[str], list[str]]:
+    """Each run's overrides that not all runs share (the common ones are printed once)."""
+    def shown(o: str) -> bool:
+        return o.split("=", 1)[0].lstrip("+~") != "resume"
+
+    sets = [set(filter(shown, s.overrides)) for s in states]
+    common = set.intersection(*sets) if len(sets) > 1 else set()
+    labels = [" ".join(o for o in s.overrides if shown(o) and o not in common) or s.run for s in states]
+    ordered_common = [o for o in (states[0].overrides if states else []) if o in common]
+    return labels, ordered_common
+
+
+def counts(states: list[RunState]) -> str:
+    n = {s: sum(r.status == s for r in states) for s in STATUSES}
+    return f"{len(states)} runs: " + ", ".join(f"{v} {k}" for k, v in n.items() if v)
+
+
+def render(states: list[RunState], sweep_dir: Path | None = None) -> str:
+    lines = []
+    if sweep_dir is not None:
+        lines.append(f"sweep dir: {sweep_dir}")
+    if not states:
+        return "\n".join(lines + ["no runs found"])
+    labels, common = _labels(states)
+    if common:
+        lines.append(f"every run: {' '.join(common)}")
+    rows = [("RUN", "STATUS", "STEP", "JOB", "SLURM", "DETAIL")]
+    for label, s in zip(labels, states):
+        step = "-" if s.step is None else f"{s.step}/{s.steps}" if s.steps is not None else str(s.step)
+        rows.append((label, s.status, step, s.job_id or "-", s.scheduler or "-", s.detail))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    for r in rows:
+        lines.append("  ".join(c.ljust(w) for c, w in zip(r[:5], widths)) + ("  " + r[5] if r[5] else ""))
+    lines.append(counts(states))
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def resolve_sweep_dir(arg: str) -> Path:
+    path = Path(arg)
+    if path.is_dir():
+        return path.resolve()
+    from klrl.runs.sweep import SWEEP_ROOT
+
+    named = Path.cwd() / SWEEP_ROOT / arg
+    if "/" not in arg and named.is_dir():
+        return named
+    raise FileNotFoundError(f"{arg} is not a sweep directory" + ("" if "/" in arg else f" (nor {SWEEP_ROOT / arg})"))
+
+
+def main(args: list[str]) -> None:
+    from klrl.cli.train import fail
+
+    as_json = "--json" in args
+    rest = [a for a in args if a != "--json"]
+    if not rest or rest[0] in ("-h", "--help") or len(rest) > 1:
+        bad = not rest or len(rest) > 1
+        print(USAGE, end="", file=sys.stderr if bad else sys.stdout)
+        if bad:
+            sys.exit(2)
+        return
+    try:
+        sweep_dir = resolve_sweep_dir(rest[0])
+    except FileNotFoundError as e:
+        fail(str(e))
+    states = collect(sweep_dir)
+    if as_json:
+        print(json.dumps({"sweep_dir": str(sweep_dir), "runs": [asdict(s) for s in states]}, indent=2))
+    else:
+        print(render(states, sweep_dir))
