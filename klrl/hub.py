@@ -15,7 +15,7 @@ from typing import Optional
 
 from omegaconf import MISSING
 
-from klrl.config.schema import ConfigError
+from klrl.errors import ConfigError
 
 TRUE = ("1", "true", "yes", "on")
 

@@ -14,13 +14,14 @@ import torch
 import torch.distributed as tdist
 import torch.multiprocessing as mp
 
-from klrl.config.schema import kl_spec, pg_spec
+from klrl.config.specs import kl_spec, pg_spec
 from klrl.training.distributed import Dist, shard, state_dicts
 from klrl.sampling.generation import make_generator
 from klrl.models.registry import load_model
 from klrl.runs.rundir import read_json, read_metrics
 from klrl.tasks import TASKS
-from klrl.training.trainer import Batch, collect, update
+from klrl.sampling.batch import Batch, collect
+from klrl.training.update import update
 
 from conftest import FAST, compose_cfg
 

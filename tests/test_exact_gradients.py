@@ -17,7 +17,7 @@ import torch
 
 from klrl.audit.configs import all_configs
 from klrl.audit.verdicts import DEFAULT_TOY, Toy, verdict
-from klrl.config.schema import kl_spec, pg_spec
+from klrl.config.specs import kl_spec, pg_spec
 from klrl.core.distributions import Sampling
 from klrl.core.estimators import kl_values
 from klrl.core.losses import KLSpec, PGSpec, policy_loss

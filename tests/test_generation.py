@@ -14,12 +14,14 @@ import sys
 import pytest
 import torch
 
-from klrl.config.schema import ConfigError, validate
+from klrl.config.validate import validate
+
+from klrl.errors import ConfigError
 from klrl.sampling.generation import HFGenerator, logprob_mismatch, make_generator
 from klrl.models.registry import load_model
 from klrl.sampling.rollout import encode_prompts, generate, response_logits, rollout_from_tokens, token_logprobs
 from klrl.tasks import TASKS
-from klrl.training.trainer import comparable
+from klrl.runs.rundir import comparable
 
 from conftest import FAST, compose_cfg, run_klrl
 
@@ -168,9 +170,9 @@ def test_vllm_is_refused_without_a_gpu(tmp_path):
 
 def test_vllm_config_checks_where_vllm_could_run(monkeypatch):
     """The checks after availability, with availability granted (as on a GPU machine with the extra)."""
-    import klrl.sampling.generation
+    import klrl.config.schema
 
-    monkeypatch.setattr(klrl.sampling.generation, "vllm_unavailable", lambda: None)
+    monkeypatch.setattr(klrl.config.schema, "vllm_unavailable", lambda: None)
     validate(compose_cfg("generation.backend=vllm", "generation.vllm.gpu_memory_utilization=0.3",
                          "generation.vllm.enforce_eager=true", "generation.vllm.max_model_len=128"))
     for overrides, message in (

@@ -6,13 +6,15 @@ import copy
 
 import torch
 
-from klrl.config.schema import kl_spec, pg_spec
+from klrl.config.specs import kl_spec, pg_spec
 from klrl.sampling.generation import make_generator
 from klrl.training.lag import SnapshotRing
 from klrl.models.registry import load_model
 from klrl.runs.rundir import read_metrics
 from klrl.tasks import TASKS
-from klrl.training.trainer import behaviour_logprobs, collect, train, update
+from klrl.sampling.batch import behaviour_logprobs, collect
+from klrl.training.trainer import train
+from klrl.training.update import update
 
 from conftest import FAST, compose_cfg
 from test_train_e2e import stable

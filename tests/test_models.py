@@ -14,8 +14,10 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from klrl.cli.train import CONF_DIR
-from klrl.config.schema import ConfigError, validate
-from klrl.models.registry import build_char_tokenizer, build_tiny_model, load_model
+from klrl.config.validate import validate
+from klrl.errors import ConfigError
+from klrl.models.registry import load_model
+from klrl.models.tiny import build_char_tokenizer, build_tiny_model
 from klrl.models.pretrained import PretrainedSource
 from klrl.models.smollm2 import SmolLM2Source, gguf_dir
 
@@ -70,7 +72,7 @@ def chat_checkpoint(tmp_path_factory):
     tok = build_char_tokenizer()
     tok.add_special_tokens({"additional_special_tokens": ["<|im_end|>"]})
     model = build_tiny_model(OmegaConf.create({"arch": "qwen2", "hidden_size": 32, "intermediate_size": 64,
-                                               "num_layers": 1, "num_heads": 2, "max_positions": 64}), len(tok))
+                                               "num_layers": 1, "num_heads": 2}), len(tok))
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path

@@ -21,7 +21,8 @@ from klrl.models.registry import load_model
 from klrl.training.pipeline import Pipeline, PipelineError
 from klrl.runs.rundir import SUMMARY, read_json, read_metrics
 from klrl.tasks import TASKS
-from klrl.training.trainer import behaviour_logprobs, collect, train
+from klrl.sampling.batch import behaviour_logprobs, collect
+from klrl.training.trainer import train
 
 from conftest import FAST, compose_cfg
 from test_train_e2e import stable

@@ -13,10 +13,11 @@ import pytest
 from omegaconf import OmegaConf
 
 from klrl.cli.train import CONF_DIR
-from klrl.config.schema import ConfigError
+from klrl.errors import ConfigError
 from klrl.runs.rundir import METRICS, SUMMARY
 from klrl.runs.status import collect, derive, expand_job_ids, render
-from klrl.runs.sweep import available, check_jobs, expand, format_value, hydra_argv, load_grid
+from klrl.cli.sweep import check_jobs, hydra_argv
+from klrl.runs.sweep import available, expand, format_value, load_grid
 
 from conftest import FAST, run_klrl
 

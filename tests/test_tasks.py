@@ -14,7 +14,8 @@ from hydra import compose, initialize_config_dir
 
 from klrl.cli.train import CONF_DIR
 from klrl.tasks.checkers import CHECKERS, final_letter, last_boxed
-from klrl.config.schema import ConfigError, validate
+from klrl.config.validate import validate
+from klrl.errors import ConfigError
 from klrl.tasks import TASKS
 
 FIX = Path(__file__).parent / "fixtures"

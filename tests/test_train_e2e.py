@@ -89,11 +89,12 @@ def test_resume_refuses_a_changed_config(tmp_path):
     assert proc.returncode == 2 and "beta: 0.1 -> 0.2" in proc.stderr
 
 
-def test_existing_run_needs_resume(tmp_path):
+def test_existing_run_is_refused_with_resume_false(tmp_path):
+    """resume=auto (the default) continues a run (test below); resume=false refuses a directory that holds one."""
     run_klrl("train", *FAST, "steps=1", f"hydra.run.dir={tmp_path}", cwd=tmp_path, check=True)
     before = (tmp_path / "metrics.jsonl").read_text()
-    proc = run_klrl("train", *FAST, "steps=1", f"hydra.run.dir={tmp_path}", cwd=tmp_path)
-    assert proc.returncode == 2 and "resume=true" in proc.stderr
+    proc = run_klrl("train", *FAST, "steps=1", "resume=false", f"hydra.run.dir={tmp_path}", cwd=tmp_path)
+    assert proc.returncode == 2 and "resume=auto" in proc.stderr
     assert (tmp_path / "metrics.jsonl").read_text() == before
 
 
@@ -106,9 +107,9 @@ def test_completed_run_with_resume_is_skipped(tmp_path):
 
 
 def test_non_finite_loss_is_a_diverged_result(tmp_path, monkeypatch):
-    import klrl.training.trainer as trainer
+    import klrl.training.update as trainer_update
 
-    real = trainer.policy_loss
+    real = trainer_update.policy_loss
     calls = {"n": 0}
 
     def poisoned(*a, **kw):
@@ -116,7 +117,7 @@ def test_non_finite_loss_is_a_diverged_result(tmp_path, monkeypatch):
         calls["n"] += 1
         return out._replace(loss=out.loss * float("nan")) if calls["n"] >= 3 else out
 
-    monkeypatch.setattr(trainer, "policy_loss", poisoned)
+    monkeypatch.setattr(trainer_update, "policy_loss", poisoned)
     cfg = compose_cfg(*FAST, "steps=5", "eval.at_start=false")
     assert train(cfg, tmp_path) == "diverged"
     summary = read_json(tmp_path / SUMMARY)
@@ -135,7 +136,7 @@ def test_exception_is_a_failed_run_with_nonzero_exit(tmp_path):
 
 BAD = [
     (["estimator=k9"], "estimator='k9' is not valid; choose from: abs, k1, k1+, k2, k3, k3+, none"),
-    (["beta=-1"], "beta=-1.0 is negative"),
+    (["beta=-1"], "beta=-1.0 is not valid; it must be a finite number >= 0"),
     (["algo.group_size=1"], "algo.group_size=1 is too small for baseline rloo"),
     (["model=gpt5"], "model='gpt5' is not valid; choose from:"),
     (["task=nosuch"], "task='nosuch' is not valid; choose from:"),
@@ -149,7 +150,7 @@ BAD = [
     (["algo.baseline=ppo"], "algo.baseline='ppo' is not valid; choose from: rloo, grpo, dr_grpo, none"),
     (["algo.updates_per_batch=4"], "algo.updates_per_batch=4 needs algo.ratio_clip"),
     (["nosuchkey=1"], "nosuchkey"),
-    (["task.eval_size=0"], "task.eval_size=0 must be >= 1"),
+    (["task.eval_size=0"], "task.eval_size=0 is not valid; it must be an integer >= 1"),
     (["generation.backend=sglang"], "generation.backend='sglang' is not valid; choose from: hf, vllm"),
     (["generation.vllm.enforce_eager=true"], "generation.vllm.enforce_eager=True has no effect with generation.backend=hf"),
     (["-m", "estimator=k1,k9"], "estimator='k9' is not valid"),

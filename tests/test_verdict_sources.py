@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from klrl.audit.report import readme_tables
+from klrl.cli.audit import readme_tables
 from klrl.core.estimators import ESTIMATORS, register
 
 from conftest import compose_cfg
@@ -46,7 +46,8 @@ def throwaway():
 
 def test_a_registered_estimator_appears_everywhere(throwaway, capsys):
     from klrl.cli.audit import main as audit_main
-    from klrl.config.schema import register_configs, validate
+    from klrl.cli.compose import register_configs
+    from klrl.config.validate import validate
     from klrl.runs.table.aggregate import gradient_verdict
 
     from test_exact_gradients import check_row, matrix

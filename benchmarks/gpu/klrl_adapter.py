@@ -14,11 +14,14 @@ from pathlib import Path
 
 import torch
 
-from klrl.config.schema import kl_spec, pg_spec, register_configs
+from klrl.cli.compose import register_configs
+
+from klrl.config.specs import kl_spec, pg_spec
 from klrl.training.distributed import setup, shard
 from klrl.sampling.generation import make_generator
-from klrl.models.registry import build_char_tokenizer
-from klrl.training.trainer import Batch, update
+from klrl.models.tiny import build_char_tokenizer
+from klrl.sampling.batch import Batch
+from klrl.training.update import update
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -1,8 +1,8 @@
 """klrl's submitit launchers (`hydra/launcher=slurm` / `local`): hydra-submitit-launcher's, plus sweep hygiene.
 
+The stock `hydra/launcher=submitit_slurm` runs klrl sweeps as they are: a job requeued after preemption or a
+time-out re-runs the same overrides, and `resume=auto` (the default) continues the run from its checkpoint.
 What the stock launcher does not do, and this one does:
-  - a requeue after preemption or timeout resubmits the job with `resume=true`, so it continues from the run's
-    checkpoint (the stock one resubmits the same overrides, and the trainer then refuses the existing checkpoint);
   - runs whose summary.json already says completed/diverged are not submitted again (`skip_finished`);
   - each submission is recorded in SWEEP_DIR/submissions.jsonl (runs, overrides, job ids) for `klrl status`;
   - `wait: false` submits and returns at once, printing the sweep dir and the job ids;
@@ -27,26 +27,15 @@ from hydra_plugins.hydra_submitit_launcher.submitit_launcher import LocalLaunche
 from omegaconf import OmegaConf, open_dict
 
 
-def _key(override: str) -> str:
-    return override.split("=", 1)[0].lstrip("+~")
-
-
 def _drift(run_dir: Path, cfg: Any) -> List[str]:
-    """How a finished run's stored config differs from the one about to be launched under its name (the trainer's
-    resumable keys aside). A run dir is named by overrides only, so an edited grid file or conf/ default would
-    otherwise count as already done."""
-    stored = run_dir / ".hydra" / "config.yaml"
-    if not stored.exists():
-        return []
-    from klrl.training.trainer import RESUMABLE_KEYS, config_diff
+    """How a finished run's stored config differs from the one about to be launched under its name. A run dir is
+    named by overrides only, so an edited grid file or conf/ default would otherwise count as already done."""
+    from klrl.runs.rundir import RunDir
 
     try:
-        old = OmegaConf.to_container(OmegaConf.load(stored), resolve=True)
-        new = OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)
+        return RunDir(run_dir).drift(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]))
     except Exception:  # an interpolation that only resolves inside the job: nothing to compare
         return []
-    drop = set(RESUMABLE_KEYS)
-    return config_diff({k: v for k, v in old.items() if k not in drop}, {k: v for k, v in new.items() if k not in drop})
 
 
 class _SweepHygiene:
@@ -59,29 +48,17 @@ class _SweepHygiene:
         self.wait = wait
         self.skip_finished = skip_finished
 
-    # ------------------------------------------------------------------ in the job
-    def checkpoint(self, sweep_overrides: List[str], *args: Any, **kwargs: Any) -> Any:
-        """Called by submitit on SIGUSR2 (preemption, or `signal_delay_s` before the time limit): the requeued
-        job continues from the last checkpoint.pt; every step is seeded by (seed, step), so the steps replayed
-        after it are the ones the interrupted job had computed."""
-        import submitit
-
-        resumed = [o for o in sweep_overrides if _key(o) != "resume"] + ["resume=true"]
-        return submitit.helpers.DelayedSubmission(self, resumed, *args, **kwargs)
-
     # ------------------------------------------------------------ on the login node
     def _plan(self, overrides: List[str], num: int, sweep_dir: Path) -> Dict[str, Any]:
-        from klrl.runs.status import FINAL, _read_summary
+        from klrl.runs.rundir import RunDir
 
         cfg = self.hydra_context.config_loader.load_sweep_config(self.config, overrides)  # type: ignore[attr-defined]
         with open_dict(cfg.hydra.job):
             cfg.hydra.job.num = num  # as the job will see it, should hydra.sweep.subdir use it
         run = str(cfg.hydra.sweep.subdir)
         steps = int(cfg.steps) if "steps" in cfg else None
-        summary = _read_summary(sweep_dir / run) or {}
-        finished = summary.get("status") in FINAL and summary.get("steps") == steps
-        return {"run": run, "overrides": list(overrides), "steps": steps, "num": num,
-                "status": summary.get("status") if finished else None,
+        finished = RunDir(sweep_dir / run).finished(steps)
+        return {"run": run, "overrides": list(overrides), "steps": steps, "num": num, "status": finished,
                 "drift": _drift(sweep_dir / run, cfg) if finished else []}
 
     def _executor(self) -> Any:
@@ -98,12 +75,30 @@ class _SweepHygiene:
         return executor
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        from klrl.runs.status import FINAL, append_submission, collect, render
-
+        """Plan every run, refuse a shared run directory or a drifted finished run, submit the rest as one array,
+        record the submission, then (unless wait=false) wait and print every run's status."""
         assert self.config is not None  # type: ignore[attr-defined]
         sweep_dir = Path(str(self.config.hydra.sweep.dir)).absolute()  # type: ignore[attr-defined]
         sweep_dir.mkdir(parents=True, exist_ok=True)
         plans = [self._plan(list(ov), initial_job_idx + i, sweep_dir) for i, ov in enumerate(job_overrides)]
+        self._refuse(plans)
+        todo = [p for p in plans if not (self.skip_finished and p["status"])]
+        skipped = [p for p in plans if p not in todo]
+        print(f"sweep dir: {sweep_dir}")
+        if skipped:
+            print(f"{len(skipped)} of {len(plans)} runs already finished; not submitted again")
+        if not todo:
+            from klrl.runs.status import collect, render
+
+            print("nothing to submit")
+            print(render(collect(sweep_dir, sched={}, only=[p["run"] for p in plans])))
+            return [self._job_return(p, p["status"], sweep_dir) for p in plans]
+        jobs = self._submit(todo, skipped, sweep_dir)
+        if not self.wait:
+            return [self._job_return(p, "submitted" if p in todo else p["status"], sweep_dir) for p in plans]
+        return self._report(plans, self._wait(jobs, todo, sweep_dir), sweep_dir)
+
+    def _refuse(self, plans: List[Dict[str, Any]]) -> None:
         seen: Dict[str, Dict[str, Any]] = {}
         for p in plans:
             if p["run"] in seen:
@@ -118,15 +113,9 @@ class _SweepHygiene:
                       "choose another hydra.sweep.dir, or move that run away", file=sys.stderr)
             print("klrl: nothing was submitted", file=sys.stderr)
             sys.exit(2)
-        todo = [p for p in plans if not (self.skip_finished and p["status"])]
-        skipped = [p for p in plans if self.skip_finished and p["status"]]
-        print(f"sweep dir: {sweep_dir}")
-        if skipped:
-            print(f"{len(skipped)} of {len(plans)} runs already finished; not submitted again")
-        if not todo:
-            print("nothing to submit")
-            print(render(collect(sweep_dir, sched={}, only=[p["run"] for p in plans])))
-            return [self._job_return(p, p["status"], sweep_dir) for p in plans]
+
+    def _submit(self, todo: List[Dict[str, Any]], skipped: List[Dict[str, Any]], sweep_dir: Path) -> List[Any]:
+        from klrl.runs.status import append_submission
 
         folder = str(Path(self.params["submitit_folder"]).absolute())
         try:
@@ -150,10 +139,12 @@ class _SweepHygiene:
         print(f"submitted {len(todo)} runs to {self._EXECUTOR} as {what}: {' '.join(ids)}")
         print(f"submitit logs: {folder}")
         print(f"watch: klrl status {sweep_dir}", flush=True)
-        if not self.wait:
-            return [self._job_return(p, "submitted" if p in todo else p["status"], sweep_dir) for p in plans]
+        return jobs
 
-        sched = self._wait(jobs, todo, sweep_dir)
+    def _report(self, plans: List[Dict[str, Any]], sched: Dict[str, str], sweep_dir: Path) -> List[JobReturn]:
+        from klrl.runs.rundir import FINAL
+        from klrl.runs.status import collect, render
+
         states = collect(sweep_dir, sched=sched, only=[p["run"] for p in plans])
         print(render(states, sweep_dir), flush=True)
         unfinished = [s for s in states if s.status not in FINAL]
@@ -169,7 +160,8 @@ class _SweepHygiene:
         A job that dies without a result file (killed, out of memory, a crash outside Python) is seen only through
         sacct, which submitit's watcher asks at most every 10 minutes about a job that is 20 minutes old; here sacct
         is asked once per poll (at most every poll_s) for all the arrays."""
-        from klrl.runs.status import ACTIVE, _read_summary, derive
+        from klrl.runs.rundir import RunDir
+        from klrl.runs.status import ACTIVE, derive
 
         folder = str(Path(self.params["submitit_folder"]).absolute())
         def final_state(job: Any) -> str:
@@ -188,7 +180,7 @@ class _SweepHygiene:
                         continue
                     del pending[job_id]
                     k += 1
-                    status, why = derive(_read_summary(sweep_dir / p["run"]), final_state(job),
+                    status, why = derive(RunDir(sweep_dir / p["run"]).state(), final_state(job),
                                          {"job_id": job_id, "folder": folder})
                     print(f"[{k}/{len(jobs)}] {job_id} {p['run']}: {status}{f' ({why})' if why else ''}", flush=True)
                 if pending:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from omegaconf import OmegaConf
 
-from klrl.config.schema import kl_spec
+from klrl.config.specs import kl_spec
 from klrl.core.estimators import ESTIMATORS
 from klrl.core.losses import KLSpec
 

@@ -175,71 +175,13 @@ def verdict(kl: KLSpec, pg: PGSpec, sampling: Sampling = Sampling(), off_policy:
     return judge(mean_gradient(kl, pg, sampling, off_policy, toy), _basis(toy, sampling, off_policy))
 
 
-def is_off_policy(cfg) -> bool:
-    """Whether a run's loss sees samples from a policy other than the current one (lag, several updates)."""
-    algo = cfg.get("algo") or {}
-    return int(algo.get("updates_per_batch") or 1) > 1 or int(cfg.get("async_level") or 0) > 0
-
-
 def config_verdict(cfg, off_policy: bool | None = None, toy: Toy = DEFAULT_TOY) -> Verdict:
     """The verdict of a run's config (a DictConfig or the plain dict a run directory stores). off_policy: default
     whether the run trains off-policy (`is_off_policy`)."""
     from omegaconf import OmegaConf
 
-    from klrl.config.schema import kl_spec, pg_spec, sampling_spec
+    from klrl.config.specs import is_off_policy, kl_spec, pg_spec, sampling_spec
 
     c = OmegaConf.create(cfg) if isinstance(cfg, dict) else cfg
     off = is_off_policy(c) if off_policy is None else off_policy
     return verdict(kl_spec(c), pg_spec(c, budget=toy.length), sampling_spec(c), off, toy)
-
-
-def algo_presets() -> list[str]:
-    """The algo presets conf/algo/ ships (rloo, grpo, dr_grpo, ...)."""
-    from pathlib import Path
-
-    from klrl.config.schema import CONF_DIR
-
-    names = sorted(p.stem for p in (Path(CONF_DIR) / "algo").glob("*.yaml"))
-    return sorted(names, key=lambda n: n != "rloo")  # the default (the paper's) first
-
-
-def compose(overrides: list[str]):
-    """A `klrl train` config (validated) for verdict tables."""
-    from klrl.cli.audit_mc import compose as compose_train
-
-    return compose_train(overrides)
-
-
-def preset_verdicts(overrides: list[str], names: list[str], toy: Toy = DEFAULT_TOY) -> dict:
-    """{algo preset: {"agg": ..., "baseline": ..., "configs": {name: {"on_policy": Verdict, "off_policy": Verdict}}}}
-    for the named KL configurations, with the other overrides (sampling, clamps, beta) applied to every preset."""
-    from klrl.audit.configs import select
-    from klrl.config.schema import pg_spec, sampling_spec
-
-    base = [o for o in overrides if o.split("=", 1)[0].lstrip("+~").split(".")[0].split("/")[0] != "algo"]
-    out = {}
-    for algo in algo_presets():
-        cfg = compose([*base, f"algo={algo}"])
-        pg, sampling = pg_spec(cfg, budget=toy.length), sampling_spec(cfg)
-        clamps = (cfg.estimator.clamp_log_ratio, cfg.estimator.clamp_value)
-        rows = {c.name: {"on_policy": verdict(c.spec, pg, sampling, False, toy),
-                         "off_policy": verdict(c.spec, pg, sampling, True, toy)}
-                for c in select(names, float(cfg.beta), clamps)}
-        out[algo] = {"baseline": pg.baseline, "agg": pg.agg, "configs": rows}
-    return out
-
-
-def beta_sensitivity(algo: str, names: list[str], betas=(1.0, 0.1, 0.01), toy: Toy = DEFAULT_TOY) -> dict:
-    """{name: {beta: (scale of the *total* KL gradient along grad KL, i.e. fit * beta; cosine)}} under an algo
-    preset: linear in beta for every baseline but grpo's, whose group std rescales a reward-placed penalty."""
-    from klrl.audit.configs import select
-    from klrl.config.schema import pg_spec, sampling_spec
-
-    out: dict = {}
-    for beta in betas:
-        cfg = compose([f"algo={algo}", f"beta={beta}"])
-        pg, sampling = pg_spec(cfg, budget=toy.length), sampling_spec(cfg)
-        for c in select(names, beta):
-            v = verdict(c.spec, pg, sampling, False, toy)
-            out.setdefault(c.name, {})[beta] = (v.fit * beta, v.cos_rev)
-    return out

@@ -16,6 +16,9 @@ from dataclasses import asdict
 
 import torch
 
+from klrl.cli.compose import compose as compose_config
+from klrl.errors import AuditError, ConfigError
+
 MAX_GROUPS = 2**18  # N**G groups enumerated per configuration (N responses)
 MAX_ROWS = 4096  # N * T per-token score vectors: the Jacobian and its Gram matrix are that size squared
 AUTO_SWEEP_GROUPS = 2**13  # the default length sweep stops where it would get slow
@@ -23,10 +26,6 @@ AUTO_SWEEP_GROUPS = 2**13  # the default length sweep stops where it would get s
 # only matter to --mc, whose policy is a real model.
 EXACT_GROUPS = ("estimator", "placement", "algo", "beta", "generation", "async_level", "preset")
 KL_SELECTORS = ("estimator", "placement", "preset")  # naming one of these audits that configuration alone
-
-
-class AuditError(ValueError):
-    """Bad input; its message is the one line the user sees."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -104,15 +103,13 @@ def _key(override: str) -> str:
 
 def compose(a: argparse.Namespace):
     """The `klrl train` config of the overrides, validated (one line on error)."""
-    from klrl.cli.audit_mc import compose as compose_train
-
     overrides = list(a.overrides) + ([f"algo.baseline={a.baseline}"] if a.baseline else [])
     if not a.mc:
         for o in overrides:
             if _key(o) not in EXACT_GROUPS:
                 raise AuditError(f"{o!r} has no effect on the exact audit, whose policy is an enumerable toy; it "
                                  f"takes {', '.join(EXACT_GROUPS)} overrides (use --mc to audit model=/task=)")
-    return compose_train(overrides)
+    return compose_config(overrides)
 
 
 def validate(a: argparse.Namespace):
@@ -152,8 +149,8 @@ def validate(a: argparse.Namespace):
 
 
 def describe(cfg, a: argparse.Namespace) -> str:
-    from klrl.audit.verdicts import is_off_policy
-    from klrl.config.schema import pg_spec, sampling_spec
+    from klrl.config.specs import is_off_policy
+    from klrl.config.specs import pg_spec, sampling_spec
 
     pg, s = pg_spec(cfg, budget=a.length), sampling_spec(cfg)
     trains = "off-policy" if is_off_policy(cfg) else "on-policy"
@@ -173,7 +170,7 @@ def describe(cfg, a: argparse.Namespace) -> str:
 def run_exact(a: argparse.Namespace, cfg, configs: list) -> dict:
     from klrl.audit import report
     from klrl.audit.run import audit_policy, length_sweep
-    from klrl.config.schema import pg_spec, sampling_spec
+    from klrl.config.specs import pg_spec, sampling_spec
 
     pg, sampling = pg_spec(cfg, budget=a.length), sampling_spec(cfg)
     eos = None if a.no_eos else a.vocab - 1
@@ -200,8 +197,6 @@ def run_exact(a: argparse.Namespace, cfg, configs: list) -> dict:
     print(report.regime_table("Off-policy (y ~ pi_old, weights as configured)", result, "off_policy", a.group_size))
     print()
     if len(configs) > 1:
-        from klrl.audit.verdicts import preset_verdicts
-
         presets = preset_verdicts(list(a.overrides), [c.name for c in configs])
         result["presets"] = {algo: {**p, "configs": {n: {k: {**asdict(v), "text": v.text} for k, v in regs.items()}
                                                       for n, regs in p["configs"].items()}}
@@ -239,8 +234,6 @@ def main(argv: list[str]) -> None:
     try:
         a = parser().parse_args(argv)
         if a.markdown:
-            from klrl.audit.report import readme_tables
-
             print(readme_tables(), end="")
             return
         cfg, configs = validate(a)
@@ -257,7 +250,7 @@ def main(argv: list[str]) -> None:
             # spin-waits slow the audit down 10-20x.
             torch.set_num_threads(1)
             result = run_exact(a, cfg, configs)
-    except AuditError as e:
+    except ConfigError as e:
         print(f"klrl: audit: {e}", file=sys.stderr)
         sys.exit(2)
     finally:
@@ -274,3 +267,108 @@ def main(argv: list[str]) -> None:
         print(f"klrl: audit: cannot write {e.filename or 'output'}: {e.strerror or e}", file=sys.stderr)
         sys.exit(2)
     print(f"\naudit finished in {result['runtime_s']:.1f} s")
+
+
+# --- tables across algo presets, and the README's (composed here, computed by klrl.audit.verdicts) ---------
+
+
+def algo_presets() -> list[str]:
+    """The algo presets conf/algo/ ships (rloo, grpo, dr_grpo, ...), the default (the paper's) first."""
+    from klrl.cli.compose import group_options, hydra_context
+
+    with hydra_context():
+        return sorted(group_options("algo"), key=lambda n: (n != "rloo", n))
+
+
+def preset_verdicts(overrides: list[str], names: list[str], toy=None) -> dict:
+    """{algo preset: {"agg": ..., "baseline": ..., "configs": {name: {"on_policy": Verdict, "off_policy": Verdict}}}}
+    for the named KL configurations, with the other overrides (sampling, clamps, beta) applied to every preset."""
+    from klrl.audit.configs import select
+    from klrl.audit.verdicts import verdict
+    from klrl.config.specs import pg_spec, sampling_spec
+
+    base = [o for o in overrides if o.split("=", 1)[0].lstrip("+~").split(".")[0].split("/")[0] != "algo"]
+    from klrl.audit.verdicts import DEFAULT_TOY
+
+    toy = toy or DEFAULT_TOY
+    out = {}
+    for algo in algo_presets():
+        cfg = compose_config([*base, f"algo={algo}"])
+        pg, sampling = pg_spec(cfg, budget=toy.length), sampling_spec(cfg)
+        clamps = (cfg.estimator.clamp_log_ratio, cfg.estimator.clamp_value)
+        rows = {c.name: {"on_policy": verdict(c.spec, pg, sampling, False, toy),
+                         "off_policy": verdict(c.spec, pg, sampling, True, toy)}
+                for c in select(names, float(cfg.beta), clamps)}
+        out[algo] = {"baseline": pg.baseline, "agg": pg.agg, "configs": rows}
+    return out
+
+
+def beta_sensitivity(algo: str, names: list[str], betas=(1.0, 0.1, 0.01), toy=None) -> dict:
+    """{name: {beta: (scale of the *total* KL gradient along grad KL, i.e. fit * beta; cosine)}} under an algo
+    preset: linear in beta for every baseline but grpo's, whose group std rescales a reward-placed penalty."""
+    from klrl.audit.configs import select
+    from klrl.audit.verdicts import verdict
+    from klrl.config.specs import pg_spec, sampling_spec
+
+    from klrl.audit.verdicts import DEFAULT_TOY
+
+    toy = toy or DEFAULT_TOY
+    out: dict = {}
+    for beta in betas:
+        cfg = compose_config([f"algo={algo}", f"beta={beta}"])
+        pg, sampling = pg_spec(cfg, budget=toy.length), sampling_spec(cfg)
+        for c in select(names, beta):
+            v = verdict(c.spec, pg, sampling, False, toy)
+            out.setdefault(c.name, {})[beta] = (v.fit * beta, v.cos_rev)
+    return out
+
+
+def _placement_label(est_row: dict) -> str:
+    out = est_row["placement"]
+    if est_row.get("reward_form") == "togo":
+        out += ", togo"
+    if est_row.get("reward_is_weight"):
+        out += ", reward_is_weight"
+    if est_row.get("loss_is_weight"):
+        out += ", loss_is_weight"
+    return out
+
+
+README_ROWS = ("reward", "reward+togo", "reward+seqIS", "loss", "loss+tokIS", "both")
+
+
+def readme_tables() -> str:
+    """The README's verdict tables, in markdown: generated from klrl.audit.verdicts, compared by a test."""
+    import pandas as pd
+
+    from klrl.audit.configs import all_configs
+    from klrl.audit.verdicts import DEFAULT_TOY
+
+    configs = [c for c in all_configs() if c.name.split("-", 1)[1] in README_ROWS]
+    names = [c.name for c in configs]
+    presets = preset_verdicts([], names)
+    rows = []
+    for c in configs:
+        row = {"estimator": c.estimator,
+               "placement": _placement_label({"placement": c.placement, "reward_form": c.reward_form,
+                                              "reward_is_weight": c.reward_is_weight,
+                                              "loss_is_weight": c.loss_is_weight})}
+        for algo, p in presets.items():
+            row[f"algo={algo} ({p['agg']})"] = p["configs"][c.name]["on_policy"].short
+        row["off-policy, algo=rloo"] = presets["rloo"]["configs"][c.name]["off_policy"].short
+        rows.append(row)
+    toy = DEFAULT_TOY
+    out = [f"<!-- generated by `klrl audit --markdown` (exact enumeration, tabular toy V={toy.vocab} with EOS, "
+           f"T<={toy.length}, G={toy.group_size}); tests/test_readme_tables.py regenerates and compares -->", "",
+           pd.DataFrame(rows).to_markdown(index=False), ""]
+    sens = beta_sensitivity("grpo", ["k1-reward", "k3-reward", "k3-loss"])
+    srows = []
+    for name, by_beta in sens.items():
+        srow = {"configuration (algo=grpo)": name}
+        for beta, (scale, cos) in by_beta.items():
+            srow[f"beta={beta:g}"] = f"{scale:.4g} x grad KL (cos {'n/a' if cos is None else f'{cos:.3f}'})"
+        srows.append(srow)
+    out += ["With `algo=grpo`, the KL gradient's size along grad KL(pi||pi_ref) (the least-squares scale of the "
+            "total KL gradient, i.e. per unit beta times beta) and its cosine, task reward tied within groups:", "",
+            pd.DataFrame(srows).to_markdown(index=False), ""]
+    return "\n".join(out)

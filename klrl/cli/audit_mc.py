@@ -14,26 +14,13 @@ import sys
 
 import torch
 
-from klrl.cli.audit import AuditError
+from klrl.errors import AuditError
 
 
 def compose(overrides: list[str]):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+    from klrl.cli.compose import compose as compose_config
 
-    from klrl.config.schema import CONF_DIR, ConfigError, register_configs, validate
-    from klrl.cli.compose import explain
-
-    register_configs()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        try:
-            cfg = hydra_compose(config_name="train", overrides=overrides)
-            validate(cfg)
-        except ConfigError as e:
-            raise AuditError(str(e)) from None
-        except Exception as e:  # Hydra's own multi-line errors; explain() needs Hydra still initialised
-            raise AuditError(explain(e)) from None
-    return cfg
+    return compose_config(overrides)
 
 
 def perturb(model, noise: float, seed: int) -> None:
@@ -63,7 +50,7 @@ def run_mc(a, configs) -> dict:
     from klrl.audit import report
     from klrl.audit.configs import select
     from klrl.audit.mc import ModelSampler, mc_audit
-    from klrl.config.schema import pg_spec, sampling_spec
+    from klrl.config.specs import pg_spec, sampling_spec
     from klrl.models.registry import load_model
     from klrl.sampling.rollout import encode_prompts
     from klrl.tasks import TASKS

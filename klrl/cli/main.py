@@ -16,50 +16,20 @@ commands:
 """
 
 
-def train(args: list[str]) -> None:
-    from klrl.cli.train import CONF_DIR, fail, train_main
-    from klrl.config.schema import ConfigError
-    from klrl.cli.compose import preflight
+def _command(module: str):
+    """Each command's module is imported only when run: `klrl status` needs neither torch nor transformers."""
 
-    try:
-        preflight(args, CONF_DIR)
-    except ConfigError as e:
-        fail(str(e))
-    sys.argv = ["klrl train", *args]
-    train_main()
+    def run(args: list[str]) -> None:
+        import importlib
+
+        importlib.import_module(f"klrl.cli.{module}").main(args)
+
+    return run
 
 
-def audit(args: list[str]) -> None:
-    from klrl.cli.audit import main as audit_main
-
-    audit_main(args)
-
-
-def table(args: list[str]) -> None:
-    from klrl.runs.table.aggregate import main as table_main
-
-    table_main(args)
-
-
-def evaluate(args: list[str]) -> None:
-    from klrl.cli.eval import main as eval_main
-
-    eval_main(args)
-
-
-def sweep(args: list[str]) -> None:
-    from klrl.runs.sweep import main as sweep_main
-
-    sweep_main(args)
-
-
-def status(args: list[str]) -> None:
-    from klrl.runs.status import main as status_main
-
-    status_main(args)
-
-
-COMMANDS = {"train": train, "audit": audit, "sweep": sweep, "status": status, "table": table, "eval": evaluate}
+COMMANDS = {name: _command(module) for name, module in
+            (("train", "train"), ("audit", "audit"), ("sweep", "sweep"), ("status", "status"), ("table", "table"),
+             ("eval", "eval"))}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,11 +1,19 @@
-"""`klrl train`: the Hydra application around the trainer core, with one-line errors for bad input."""
+"""`klrl train`: the Hydra application around the trainer core.
+
+Before Hydra runs, every run the command would start is composed and validated (klrl.cli.compose.preflight); a
+single run's directory is chosen and created here, so that a refused command leaves nothing behind and removes
+only what it created. Default names carry every non-default choice (the command line's overrides, keys that may
+change on resume aside), and an existing name gets a suffix, so two runs never share a directory.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import re
 import shutil
 import sys
-import traceback
+import time
 from pathlib import Path
 
 import hydra
@@ -13,11 +21,16 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from klrl.config.schema import CONF_DIR, ConfigError, register_configs
-from klrl.runs.rundir import SUMMARY, read_json, write_json
+from klrl.cli.compose import preflight, register_configs, split_args
+from klrl.errors import ConfigError
+from klrl.paths import CONF_DIR
+from klrl.runs.rundir import RESUMABLE
 
 log = logging.getLogger("klrl")
 register_configs()
+CREATED: list[Path] = []  # the directories this process created for its run, deepest last
+INFO_FLAGS = ("--cfg", "-c", "--info", "-i", "--resolve", "-p", "--package")
+MAX_NAME = 120  # bytes of a default run name before it is shortened with a hash
 
 
 def fail(msg: str, code: int = 2) -> None:
@@ -25,15 +38,82 @@ def fail(msg: str, code: int = 2) -> None:
     sys.exit(code)
 
 
-def _remove_if_fresh(run_dir: Path) -> None:
-    """A run that never started leaves no directory behind (Hydra creates it before calling us)."""
-    if any(p.name not in (".hydra", "train.log") for p in run_dir.iterdir()):
-        return
-    shutil.rmtree(run_dir, ignore_errors=True)
-    parent = run_dir.parent
-    while parent.name not in ("outputs", "") and parent.exists() and not any(parent.iterdir()):
-        parent.rmdir()
-        parent = parent.parent
+def run_name(overrides: list[str]) -> str:
+    """`estimator=k3,placement=loss`: the run's non-default choices, keys that may change on resume aside."""
+    keep = [o for o in overrides if o.split("=", 1)[0].lstrip("+~").split(".")[0] not in RESUMABLE]
+    name = re.sub(r"[^\w.=,+@-]", "_", ",".join(keep)) or "defaults"
+    if len(name.encode()) > MAX_NAME:
+        name = name[: MAX_NAME - 9] + "_" + hashlib.sha256(name.encode()).hexdigest()[:8]
+    return name
+
+
+def make_dirs(path: Path, exist_ok: bool) -> Path:
+    """Create `path` (and missing parents), noting which this process created; ConfigError (one line) if it
+    cannot be created. exist_ok=False picks the first free `path`, `path_2`, ... (mkdir is atomic: two runs
+    started in the same second get two directories)."""
+    ancestors = [p for p in path.parents if not p.exists()][::-1]
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        CREATED.extend(ancestors)
+        if exist_ok and path.is_dir():
+            return path
+        for i in range(1, 1000):
+            candidate = path if i == 1 else path.with_name(f"{path.name}_{i}")
+            try:
+                candidate.mkdir()
+            except FileExistsError:
+                if exist_ok:
+                    raise
+                continue
+            CREATED.append(candidate)
+            return candidate
+    except OSError as e:
+        raise ConfigError(f"hydra.run.dir={str(path)!r} cannot be created ({e.strerror or e}); choose another") from None
+    raise ConfigError(f"hydra.run.dir={str(path)!r}: 999 runs of that name exist; choose another")
+
+
+def choose_run_dir(args: list[str], cfg: DictConfig) -> list[str]:
+    """A single run's directory, created now; the arguments that point Hydra at it."""
+    explicit = [a for a in args if a.split("=", 1)[0].lstrip("+") == "hydra.run.dir"]
+    if explicit:
+        value = explicit[-1].split("=", 1)[1].strip().strip("'\"")
+        if not value:
+            raise ConfigError("hydra.run.dir='' is not valid; give a directory (or leave it out for a named one)")
+        make_dirs(Path(value).expanduser(), exist_ok=True)
+        return args
+    overrides, _, _ = split_args(args)
+    task = [o for o in overrides if not o.lstrip("+~").startswith("hydra")]
+    root = Path(str(cfg.hydra.run.dir)).parent  # outputs/runs/<date>
+    path = make_dirs(root / f"{time.strftime('%H-%M-%S')}_{run_name(task)}", exist_ok=False)
+    return [*args, f"hydra.run.dir={path}"]
+
+
+def remove_created() -> None:
+    """A run refused after its directory was made leaves nothing behind: only what this process created goes."""
+    for path in reversed(CREATED):
+        if path == CREATED[-1] and path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            _rmdir(path)
+
+
+def _rmdir(path: Path) -> None:
+    try:
+        path.rmdir()  # only if empty: something else may have appeared there meanwhile
+    except OSError:
+        pass
+
+
+def main(args: list[str]) -> None:
+    try:
+        configs = preflight(args)
+        single = configs and len(configs) == 1 and "-m" not in args and "--multirun" not in args
+        if single and not any(a.split("=")[0] in INFO_FLAGS for a in args):
+            args = choose_run_dir(args, configs[0])
+    except ConfigError as e:
+        fail(str(e))
+    sys.argv = ["klrl train", *args]
+    train_main()
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
@@ -47,18 +127,18 @@ def train_main(cfg: DictConfig) -> str:
     try:
         status = train(cfg, run_dir)
     except ConfigError as e:
-        _remove_if_fresh(run_dir)
+        remove_created()
         if sweeping:
             raise RuntimeError(f"klrl: {e}") from None
         fail(str(e))
-    except (Exception, KeyboardInterrupt) as e:
-        summary_path = run_dir / SUMMARY
-        summary = read_json(summary_path) if summary_path.exists() else {"steps": cfg.steps}
-        summary.update(status="failed", error=f"{type(e).__name__}: {e}")
-        write_json(summary_path, summary)
-        log.error("run failed:\n%s", traceback.format_exc())
+    except (Exception, KeyboardInterrupt) as e:  # the trainer has marked the run failed in its summary
+        log.error("run failed", exc_info=True)
         if sweeping and not isinstance(e, KeyboardInterrupt):
             raise RuntimeError(f"run failed ({type(e).__name__}: {e}); see {run_dir}") from None
         fail(f"run failed ({type(e).__name__}: {e}); see {run_dir}", code=1)
     log.info("%s: %s", status, run_dir)
     return status
+
+
+if __name__ == "__main__":  # `python -m klrl.cli.train ...`, as submitit re-runs a job
+    main(sys.argv[1:])

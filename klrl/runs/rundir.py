@@ -1,11 +1,15 @@
-"""The run directory: atomic files, checkpoints, metrics.jsonl, summary.json.
+"""The run directory: the one API that reads and writes it. The trainer, `klrl status`, `klrl table`, `klrl eval`
+and the launchers all go through `RunDir`.
 
 Layout:
-  .hydra/            resolved config (written by Hydra)
-  metrics.jsonl      one JSON object per training step (and per evaluation)
-  summary.json       status (running | completed | diverged | failed), step reached, final evaluation
-  checkpoint.pt      model, optimizer, scheduler, RNG states, step: written at a temporary name, then renamed
-  tb/                TensorBoard events
+  .hydra/config.yaml   the run's config (its single stored copy), .hydra/overrides.yaml, .hydra/hydra.yaml
+  summary.json         status (running | completed | diverged | failed), step reached, evaluations, versions
+  metrics.jsonl        one JSON object per training step, evaluation, divergence
+  checkpoint.pt        model, optimizer, scheduler, RNG states, step (and the lag ring)
+  heartbeat            touched every few seconds while a process trains the run
+  tb/, train.log       TensorBoard events, the log
+
+Every file is written atomically (temporary file, fsync, rename); metrics lines with a single write.
 """
 
 from __future__ import annotations
@@ -14,16 +18,33 @@ import json
 import os
 import random
 import tempfile
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
-SUMMARY, METRICS, CHECKPOINT = "summary.json", "metrics.jsonl", "checkpoint.pt"
+from klrl.errors import ConfigError
+
+SUMMARY, METRICS, CHECKPOINT, HEARTBEAT = "summary.json", "metrics.jsonl", "checkpoint.pt", "heartbeat"
+CONFIG, OVERRIDES, HYDRA = Path(".hydra") / "config.yaml", Path(".hydra") / "overrides.yaml", Path(".hydra") / "hydra.yaml"
+# Config keys that say how a run executes, not what it computes: the one list. They may change when a run resumes
+# (with `steps`, which extends it), never name a run directory, and never split rows of `klrl table`.
+OPERATIONAL = frozenset({"resume", "progress", "tensorboard", "logger", "ckpt_every", "device", "cache_dir"})
+RESUMABLE = OPERATIONAL | {"steps"}
+FINAL = ("completed", "diverged")
+STATUSES = ("pending", "running", "stale", "completed", "diverged", "failed", "unreadable", "unknown")
+HEARTBEAT_S = 10.0  # a training process touches `heartbeat` this often
+STALE_S = 120.0  # a "running" run whose heartbeat is older than this has no live process
+
+
+# --- files ----------------------------------------------------------------------------------------------------------
 
 
 def atomic_write(path: Path, write: Callable[[Any], None], mode: str = "w") -> None:
-    """Write via a temporary file in the same directory, fsync, then rename over `path`."""
+    """Write via a temporary file in the same directory, fsync, then rename over `path`: a reader (or a crash) never
+    sees half a file, and a failure (disk full) leaves the previous file intact."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
@@ -45,22 +66,27 @@ def read_json(path: Path) -> Any:
     return json.loads(Path(path).read_text())
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    """Every complete record of a JSON-lines file; a torn line (a process killed mid-write) is skipped."""
+def read_jsonl(path: Path) -> tuple[list[dict], int]:
+    """(every complete record of a JSON-lines file, the number of lines that could not be read): a torn line (a
+    process killed mid-write) is skipped, never raised."""
     path = Path(path)
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return out
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    return read_jsonl(Path(run_dir) / METRICS)
+    if not path.is_file():
+        return [], 0
+    out, bad = [], 0
+    with open(path, errors="replace") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                bad += 1
+                continue
+            if isinstance(rec, dict):
+                out.append(rec)
+            else:
+                bad += 1
+    return out, bad
 
 
 def rng_state() -> dict:
@@ -77,94 +103,196 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state(state["numpy"])
 
 
-def save_checkpoint(run_dir: Path, step: int, model_state: dict, optim_state: dict, scheduler,
-                    extra: dict | None = None) -> None:
-    import torch
-
-    state = {
-        "step": step,
-        "model": model_state,
-        "optimizer": optim_state,
-        "scheduler": scheduler.state_dict(),
-        "rng": rng_state(),
-        **(extra or {}),
-    }
-    atomic_write(Path(run_dir) / CHECKPOINT, lambda f: torch.save(state, f), mode="wb")
+def config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """`key: old -> new` for every leaf that differs between two nested config dicts."""
+    out = []
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += config_diff(va, vb, f"{prefix}{k}.")
+        elif va != vb:
+            out.append(f"{prefix}{k}: {va!r} -> {vb!r}")
+    return out
 
 
-def _ring_shard(run_dir: Path, step: int, rank: int, world: int) -> Path:
-    return Path(run_dir) / f"ring-step{step}-rank{rank}of{world}.pt"
+def comparable(cfg) -> dict:
+    """A config (DictConfig or dict) resolved, without the keys that may change when a run resumes."""
+    from omegaconf import DictConfig, OmegaConf
+
+    c = OmegaConf.to_container(cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg), resolve=True)
+    gen = c.get("generation") or {}
+    if all(v is None for v in (gen.get("vllm") or {}).values()):  # unset: as in runs made before the vllm backend
+        gen.pop("vllm", None)
+    return {k: v for k, v in c.items() if k not in RESUMABLE and k != "hydra"}
 
 
-def save_ring_shard(run_dir: Path, step: int, rank: int, world: int, snapshots: list) -> None:
-    """This rank's shard of the lag ring (FSDP), beside the checkpoint of the same step. This and the previous
-    save's shard are kept: until rank 0 has replaced checkpoint.pt, the one on disk is the previous step's."""
-    import torch
+@dataclass
+class State:
+    """What a run directory says about its run."""
 
-    atomic_write(_ring_shard(run_dir, step, rank, world), lambda f: torch.save(snapshots, f), mode="wb")
-    mine = sorted(Path(run_dir).glob(f"ring-step*-rank{rank}of{world}.pt"),
-                  key=lambda p: int(p.name.split("-")[1].removeprefix("step")))
-    for old in mine[:-2]:
-        old.unlink(missing_ok=True)
+    status: str  # one of STATUSES
+    step: int | None = None
+    steps: int | None = None
+    detail: str = ""
 
 
-def load_ring_shard(run_dir: Path, step: int, rank: int, world: int, saved_world: int) -> list:
-    import torch
+class RunDir:
+    """One run's directory."""
 
-    from klrl.config.schema import ConfigError
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
 
-    if saved_world != world:
-        raise ConfigError(f"resume: the lag ring of {run_dir} was saved sharded over {saved_world} ranks; "
-                          f"resume it with {saved_world} ranks, not {world}")
-    path = _ring_shard(run_dir, step, rank, world)
-    if not path.exists():
-        raise ConfigError(f"resume: {path.name} is missing from {run_dir}; the checkpoint cannot be resumed exactly")
-    return torch.load(path, map_location="cpu", weights_only=False)
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
 
+    def file(self, name: str | Path) -> Path:
+        return self.path / name
 
-def load_checkpoint(run_dir: Path) -> dict | None:
-    import torch
+    # --- reading ----------------------------------------------------------------------------------------------------
 
-    path = Path(run_dir) / CHECKPOINT
-    return torch.load(path, map_location="cpu", weights_only=False) if path.exists() else None
-
-
-class MetricsLog:
-    """metrics.jsonl (append-only, one line written whole per record), TensorBoard, and a live progress bar."""
-
-    def __init__(self, run_dir: Path, start_step: int, total: int, tensorboard: bool, progress: bool):
-        self.path = Path(run_dir) / METRICS
-        # After a resume, drop records from steps past the checkpoint: they will be produced again, identically.
-        kept = [r for r in read_metrics(run_dir) if r["step"] <= start_step] if start_step else []
-        atomic_write(self.path, lambda f: f.writelines(json.dumps(r) + "\n" for r in kept))
-        self.tb = None
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(Path(run_dir) / "tb"), purge_step=start_step + 1 if start_step else None)
-        self.bar = None
-        if progress:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, initial=start_step, desc="train", dynamic_ncols=True, leave=True)
-
-    def write(self, record: dict) -> None:
-        # One write() of the whole line on an O_APPEND descriptor: a kill never interleaves half a record.
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    def read_summary(self) -> dict | None:
+        """summary.json, None when absent; ValueError (one line) when it cannot be read."""
+        path = self.file(SUMMARY)
+        if not path.exists():
+            return None
         try:
-            os.write(fd, (json.dumps(record) + "\n").encode())
+            summary = read_json(path)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"unreadable {SUMMARY}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        if not isinstance(summary, dict):
+            raise ValueError(f"unreadable {SUMMARY}: not a JSON object")
+        return summary
+
+    def read_config(self) -> dict | None:
+        """The stored config (interpolations unresolved), None when absent; ValueError when unreadable."""
+        import yaml
+
+        path = self.file(CONFIG)
+        if not path.is_file():
+            return None
+        try:
+            config = yaml.safe_load(path.read_text())
+        except (OSError, yaml.YAMLError) as e:
+            raise ValueError(f"unreadable {CONFIG}: {type(e).__name__}") from None
+        if not isinstance(config, dict):
+            raise ValueError(f"unreadable {CONFIG}: not a mapping")
+        return config
+
+    def read_overrides(self) -> list[str] | None:
+        import yaml
+
+        try:
+            return [str(o) for o in yaml.safe_load(self.file(OVERRIDES).read_text()) or []]
+        except (OSError, yaml.YAMLError):
+            return None
+
+    def read_metrics(self) -> tuple[list[dict], int]:
+        """(records with a numeric step, unreadable lines)."""
+        records, bad = read_jsonl(self.file(METRICS))
+        good = [r for r in records if isinstance(r.get("step"), (int, float))]
+        return good, bad + len(records) - len(good)
+
+    def last_train_step(self, tail_bytes: int = 65536) -> int | None:
+        """The step of the last training record (read from the end of metrics.jsonl, which grows with the run)."""
+        try:
+            with self.file(METRICS).open("rb") as f:
+                f.seek(0, 2)
+                f.seek(max(0, f.tell() - tail_bytes))
+                lines = f.read().decode(errors="replace").splitlines()
+        except OSError:
+            return None
+        for line in reversed(lines):
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(rec, dict) and rec.get("kind") == "train":
+                return int(rec["step"])
+        return None
+
+    def heartbeat_age(self, now: float | None = None) -> float | None:
+        try:
+            return (time.time() if now is None else now) - self.file(HEARTBEAT).stat().st_mtime
+        except OSError:
+            return None
+
+    def state(self, now: float | None = None) -> State:
+        """pending (no summary yet), running, stale (says running but its heartbeat stopped: the process died),
+        completed, diverged, failed, unreadable (summary.json cannot be read), unknown (an unexpected status)."""
+        try:
+            summary = self.read_summary()
+        except ValueError as e:
+            return State("unreadable", self.last_train_step(), detail=str(e))
+        if summary is None:
+            return State("pending")
+        status, steps = summary.get("status"), summary.get("steps")
+        step = summary.get("step") if status in FINAL else self.last_train_step() or summary.get("step")
+        if status == "running":
+            age = self.heartbeat_age(now)
+            if age is None or age > STALE_S:
+                why = "never started" if age is None else f"{age:.0f} s"
+                return State("stale", step, steps, f"no heartbeat for {why}")
+            return State("running", step, steps)
+        if status == "failed":
+            return State("failed", step, steps, str(summary.get("error", "")))
+        if status in FINAL:
+            return State(status, step, steps)
+        return State("unknown", step, steps, f"{SUMMARY}: unexpected status {status!r}")
+
+    def drift(self, cfg) -> list[str]:
+        """How `cfg` differs from the stored config, keys that may change on resume aside ([] when none is stored)."""
+        stored = self.read_config()
+        return [] if stored is None else config_diff(comparable(stored), comparable(cfg))
+
+    def finished(self, steps: int | None = None) -> str | None:
+        """The final status (completed / diverged) if the run finished (for `steps` steps, when given)."""
+        try:
+            summary = self.read_summary() or {}
+        except ValueError:
+            return None
+        done = summary.get("status") in FINAL and (steps is None or summary.get("steps") == steps)
+        return summary["status"] if done else None
+
+    # --- writing (the trainer, and `klrl eval`) ------------------------------------------------------------------
+
+    def write_summary(self, summary: dict) -> None:
+        write_json(self.file(SUMMARY), summary)
+
+    def write_config(self, config_yaml: str, overrides: list[str], hydra_yaml: str | None = None) -> None:
+        import yaml
+
+        atomic_write(self.file(CONFIG), lambda f: f.write(config_yaml))
+        atomic_write(self.file(OVERRIDES), lambda f: f.write(yaml.safe_dump(list(overrides))))
+        if hydra_yaml is not None:
+            atomic_write(self.file(HYDRA), lambda f: f.write(hydra_yaml))
+
+    def touch_heartbeat(self) -> None:
+        self.file(HEARTBEAT).touch()
+
+    def check_checkpoint(self, cfg) -> None:
+        """Refuse a checkpoint whose config differs from `cfg` (keys that may change on resume aside)."""
+        diff = self.drift(cfg)
+        if diff:
+            raise ConfigError(f"{self.path} holds a run with another configuration ({'; '.join(diff[:5])}); resume it "
+                              "with its own settings, or choose another hydra.run.dir")
+
+    def restart_metrics(self, start_step: int) -> None:
+        """Keep only records up to `start_step` (a resumed run produces the later ones again, identically)."""
+        records, _ = self.read_metrics()
+        kept = [r for r in records if r["step"] <= start_step] if start_step else []
+        atomic_write(self.file(METRICS), lambda f: f.writelines(json.dumps(r) + "\n" for r in kept))
+
+    def append_metrics(self, records: list[dict]) -> None:
+        """One write() of whole lines on an O_APPEND descriptor: a kill never leaves half a record in the middle."""
+        if not records:
+            return
+        fd = os.open(self.file(METRICS), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, "".join(json.dumps(r) + "\n" for r in records).encode())
         finally:
             os.close(fd)
-        if self.tb is not None:
-            for k, v in record.items():
-                if isinstance(v, (int, float)) and k not in ("step",):
-                    self.tb.add_scalar(k, v, record["step"])
-        if self.bar is not None and record.get("kind") == "train":
-            self.bar.update(1)
-            self.bar.set_postfix(reward=f"{record['reward']:.3f}", kl=f"{record['kl/exact']:.4f}", refresh=False)
 
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-        if self.bar is not None:
-            self.bar.close()
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    """Every readable record of a run's metrics.jsonl (shorthand for RunDir(run_dir).read_metrics()[0])."""
+    return RunDir(run_dir).read_metrics()[0]

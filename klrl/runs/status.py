@@ -18,25 +18,17 @@ import json
 import re
 import socket
 import subprocess
-import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from klrl.runs.rundir import METRICS, SUMMARY, read_jsonl
+from klrl.runs.rundir import CONFIG, FINAL, STATUSES, RunDir, State, read_jsonl
 
 SUBMISSIONS = "submissions.jsonl"
-STATUSES = ("pending", "running", "completed", "diverged", "failed", "unknown")
-FINAL = ("completed", "diverged")
 # SLURM job states in which the job still exists and may (again) run.
 ACTIVE = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED",
           "RESIZING", "SIGNALING", "STAGE_OUT", "STOPPED", "RESV_DEL_HOLD"}
 WAITING = {"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESV_DEL_HOLD", "SUSPENDED", "STOPPED"}
 
-USAGE = """usage: klrl status SWEEP_DIR|NAME [--json]
-
-The state of every run of a sweep: pending, running, completed, diverged, failed (with the reason), the step reached,
-and the SLURM job of each. NAME means outputs/sweeps/NAME.
-"""
 
 
 @dataclass
@@ -53,7 +45,7 @@ class RunState:
 
 # ----------------------------------------------------------------------------------------------- reading runs
 def read_submissions(sweep_dir: Path) -> list[dict]:
-    return read_jsonl(Path(sweep_dir) / SUBMISSIONS)
+    return read_jsonl(Path(sweep_dir) / SUBMISSIONS)[0]
 
 
 def append_submission(sweep_dir: Path, record: dict) -> None:
@@ -61,46 +53,13 @@ def append_submission(sweep_dir: Path, record: dict) -> None:
         f.write(json.dumps(record, sort_keys=True) + "\n")
 
 
-def last_train_step(run_dir: Path, tail_bytes: int = 65536) -> int | None:
-    """The step of the last training record in metrics.jsonl (read from its end: the file grows with the run)."""
-    path = Path(run_dir) / METRICS
-    try:
-        with path.open("rb") as f:
-            f.seek(0, 2)
-            size = f.tell()
-            f.seek(max(0, size - tail_bytes))
-            lines = f.read().decode(errors="replace").splitlines()
-    except OSError:
-        return None
-    for line in reversed(lines):
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if rec.get("kind") == "train":
-            return int(rec["step"])
-    return None
-
-
-def _read_summary(run_dir: Path) -> dict | None:
-    try:
-        return json.loads((run_dir / SUMMARY).read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
 def _disk_runs(sweep_dir: Path) -> dict[str, list[str]]:
-    import yaml
-
     out = {}
-    for p in sorted(sweep_dir.rglob(".hydra/overrides.yaml")):
+    for p in sorted(sweep_dir.rglob(str(CONFIG))):
         if ".submitit" in p.parts:
             continue
-        try:
-            overrides = yaml.safe_load(p.read_text()) or []
-        except (OSError, yaml.YAMLError):
-            overrides = []
-        out[str(p.parent.parent.relative_to(sweep_dir))] = [str(o) for o in overrides]
+        run = RunDir(p.parent.parent)
+        out[str(run.path.relative_to(sweep_dir))] = run.read_overrides() or []
     return out
 
 
@@ -205,21 +164,25 @@ def job_error(record: dict | None) -> str:
     return f"{klrl_lines[-1][:300]} ({err})" if klrl_lines else f"see {err}"
 
 
-def derive(summary: dict | None, sched: str | None, record: dict | None) -> tuple[str, str]:
-    """-> (status, detail) for one run."""
-    st = (summary or {}).get("status")
+def derive(state: State, sched: str | None, record: dict | None) -> tuple[str, str]:
+    """-> (status, detail) for one run, from what its directory says and what the scheduler says: the run's own
+    final word wins; a job the scheduler still holds makes it pending or running; a job that ended without the run
+    finishing makes it failed."""
+    st = state.status
     if st in FINAL:
         return st, ""
     if sched in ACTIVE:
         if sched in WAITING:
-            return "pending", "requeued" if summary else ""
+            return "pending", "requeued" if st != "pending" else ""
         return "running", ""
-    if st == "failed":
-        return "failed", str(summary.get("error", ""))
+    if st in ("failed", "stale", "unreadable"):
+        return st, state.detail
     if sched is None:
         if st == "running":
             return "running", "no scheduler record" if record and record.get("job_id") else ""
-        return "unknown", "no run directory and no scheduler record"
+        if st == "pending":
+            return "pending", "no summary yet" if not record else ""
+        return "unknown", state.detail or "no run directory and no scheduler record"
     why = job_error(record)
     return "failed", f"job ended ({sched}) without finishing the run" + (f": {why}" if why else "")
 
@@ -250,16 +213,12 @@ def collect(sweep_dir: Path, sched: dict[str, str] | None = None, only: list[str
     out = []
     for name in names:
         rec = records.get(name)
-        run_dir = sweep_dir / name
-        summary = _read_summary(run_dir)
+        run = RunDir(sweep_dir / name)
+        st = run.state() if run.path.is_dir() else State("unknown")
         job_id = rec.get("job_id") if rec else None
         state = sched.get(job_id) if job_id else None
-        status, detail = derive(summary, state, rec)
-        live = last_train_step(run_dir)
-        step = live if live is not None else (summary or {}).get("step")
-        if status in FINAL and summary:
-            step = summary.get("step", step)
-        steps = (summary or {}).get("steps", (rec or {}).get("steps"))
+        status, detail = derive(st, state, rec)
+        step, steps = st.step, st.steps if st.steps is not None else (rec or {}).get("steps")
         out.append(RunState(run=name, status=status, step=step, steps=steps, job_id=job_id, scheduler=state,
                             detail=detail, overrides=(rec or {}).get("overrides") or disk.get(name, [])))
     return out
@@ -301,37 +260,3 @@ def render(states: list[RunState], sweep_dir: Path | None = None) -> str:
         lines.append("  ".join(c.ljust(w) for c, w in zip(r[:5], widths)) + ("  " + r[5] if r[5] else ""))
     lines.append(counts(states))
     return "\n".join(line.rstrip() for line in lines)
-
-
-def resolve_sweep_dir(arg: str) -> Path:
-    path = Path(arg)
-    if path.is_dir():
-        return path.resolve()
-    from klrl.runs.sweep import SWEEP_ROOT
-
-    named = Path.cwd() / SWEEP_ROOT / arg
-    if "/" not in arg and named.is_dir():
-        return named
-    raise FileNotFoundError(f"{arg} is not a sweep directory" + ("" if "/" in arg else f" (nor {SWEEP_ROOT / arg})"))
-
-
-def main(args: list[str]) -> None:
-    from klrl.cli.train import fail
-
-    as_json = "--json" in args
-    rest = [a for a in args if a != "--json"]
-    if not rest or rest[0] in ("-h", "--help") or len(rest) > 1:
-        bad = not rest or len(rest) > 1
-        print(USAGE, end="", file=sys.stderr if bad else sys.stdout)
-        if bad:
-            sys.exit(2)
-        return
-    try:
-        sweep_dir = resolve_sweep_dir(rest[0])
-    except FileNotFoundError as e:
-        fail(str(e))
-    states = collect(sweep_dir)
-    if as_json:
-        print(json.dumps({"sweep_dir": str(sweep_dir), "runs": [asdict(s) for s in states]}, indent=2))
-    else:
-        print(render(states, sweep_dir))

@@ -16,7 +16,6 @@ reproducible. Prompts are token ids, encoded by `klrl.sampling.rollout.encode_pr
 from __future__ import annotations
 
 import gc
-import importlib.util
 import os
 import shutil
 import tempfile
@@ -27,8 +26,7 @@ import torch
 from omegaconf import DictConfig
 from torch import Tensor
 
-from klrl.config.schema import ConfigError
-from klrl.training.distributed import gathered
+from klrl.errors import ConfigError
 from klrl.sampling.rollout import Rollout, end_ids, generate, rollout_from_tokens
 
 VLLM_MEMORY = 0.4  # default share of the GPU for vLLM (weights + KV cache); the trainer keeps the rest
@@ -51,24 +49,14 @@ class HFGenerator:
 
     def generate(self, prompt_ids, max_new_tokens, temperature=1.0, top_p=1.0, greedy=False) -> Rollout:
         self.model.eval()  # no dropout while sampling; update() switches back to train()
-        with gathered(self.model):  # FSDP: collective, so every rank must sample at once (or be inside one already)
-            return generate(self.model, self.tokenizer, prompt_ids, max_new_tokens, temperature, top_p, greedy)
+        # A sharded (FSDP) model is sampled inside the caller's klrl.training.distributed.gathered().
+        return generate(self.model, self.tokenizer, prompt_ids, max_new_tokens, temperature, top_p, greedy)
 
     def sync(self, model: torch.nn.Module) -> None:
         self.model = model
 
     def close(self) -> None:
         pass
-
-
-def vllm_unavailable() -> str | None:
-    """Why generation.backend=vllm cannot run here (one line), or None. Cheap: does not import vLLM."""
-    if importlib.util.find_spec("vllm") is None:
-        return ("generation.backend=vllm but vLLM is not installed here; install the extra (pip install -e '.[vllm]', "
-                "on a machine with a CUDA GPU) or use generation.backend=hf")
-    if not torch.cuda.is_available():
-        return "generation.backend=vllm needs a CUDA GPU and none is visible here; use generation.backend=hf"
-    return None
 
 
 class VLLMGenerator:

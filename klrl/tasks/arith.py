@@ -9,11 +9,25 @@ RL-trained on MATH, so it measures what RL on one distribution does to another t
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 
-from klrl.config.schema import ArithTaskConfig, ConfigError
+from klrl.config.constraints import Int, knob
+from klrl.config.schema import TaskConfig
+from klrl.errors import ConfigError
 from klrl.tasks.base import Problem, Task
 
-ALPHABET = "0123456789+="
+
+@dataclass
+class ArithTaskConfig(TaskConfig):
+    """Synthetic addition: in-domain operands of `digits` digits, out-of-domain `ood_digits`."""
+
+    digits: int = knob(2, Int(1, 6))
+    ood_digits: int = knob(1, Int(1, 6))
+
+    @staticmethod
+    def check(cfg, root=None) -> None:
+        if cfg.ood_digits == cfg.digits:
+            raise ConfigError(f"task.ood_digits={cfg.ood_digits} equals task.digits; the OOD split must differ")
 
 
 def _operand(rng: random.Random, digits: int) -> int:
@@ -27,13 +41,6 @@ def make_problem(a: int, b: int) -> Problem:
 class ArithTask(Task):
     name = "arith"
     schema = ArithTaskConfig
-
-    @classmethod
-    def check(cls, cfg) -> None:
-        if not 1 <= cfg.digits <= 6 or not 1 <= cfg.ood_digits <= 6:
-            raise ConfigError(f"task.digits={cfg.digits} / task.ood_digits={cfg.ood_digits} must be within 1..6")
-        if cfg.ood_digits == cfg.digits:
-            raise ConfigError(f"task.ood_digits={cfg.ood_digits} equals task.digits; the OOD split must differ")
 
     def _sample(self, rng: random.Random, ood: bool) -> Problem:
         a = _operand(rng, self.cfg.digits)

@@ -18,14 +18,13 @@ class Problem:
 
 
 class Task:
-    """A verifiable task. Subclasses set `name`, implement `check`, `sample_train` and `eval_splits`."""
+    """A verifiable task. Subclasses set `name` and `schema` (a klrl.config.schema.TaskConfig subclass, whose
+    `check(cfg, root)` hook the validator runs), and implement `sample_train` and `eval_splits`."""
 
     name: ClassVar[str]
-    schema: ClassVar[type]  # the dataclass that types this task's config (a subclass of klrl.config.schema.TaskConfig)
-
-    @classmethod
-    def check(cls, cfg: Any) -> None:
-        """Cheap validation (values, data present) that raises ConfigError before any model is built."""
+    schema: ClassVar[type]
+    # Config keys that only evaluation reads: a warm start does not depend on them (nor on its cache key).
+    EVAL_ONLY: ClassVar[tuple[str, ...]] = ("name", "max_new_tokens", "eval_size")
 
     def __init__(self, cfg: Any, seed: int):
         self.cfg, self.seed = cfg, seed
@@ -36,6 +35,13 @@ class Task:
     def sample_warmstart(self, rng: random.Random, n: int) -> list[Problem]:
         """Problems for a supervised warm start (the "pre-training" of the embedded default)."""
         return self.sample_train(rng, n)
+
+    def warmstart_signature(self) -> dict:
+        """What determines `sample_warmstart`'s problems: the task's name and every config key but EVAL_ONLY's."""
+        from omegaconf import OmegaConf
+
+        keys = [k for k in self.cfg if k not in self.EVAL_ONLY]
+        return {"task": self.name, **{k: OmegaConf.to_container(self.cfg, resolve=True)[k] for k in keys}}
 
     def eval_splits(self) -> dict[str, Sequence[Problem]]:
         """{"id": in-domain problems, "ood": out-of-domain problems} (fixed, independent of the run seed)."""

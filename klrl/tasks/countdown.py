@@ -17,22 +17,36 @@ import json
 import random
 from dataclasses import dataclass
 
-from klrl.config.schema import ConfigError, TaskConfig
+from klrl.config.constraints import Int, knob
+from klrl.config.schema import TaskConfig
+from klrl.errors import ConfigError
 from klrl.tasks.base import Problem, Task
 
 
 @dataclass
 class CountdownTaskConfig(TaskConfig):
-    min_numbers: int = 3
-    max_numbers: int = 4
-    ood_min_numbers: int = 5
-    ood_max_numbers: int = 6
-    min_value: int = 1
-    max_value: int = 100
-    min_target: int = 100
-    max_target: int = 999
+    min_numbers: int = knob(3, Int(2, 12))
+    max_numbers: int = knob(4, Int(2, 12))
+    ood_min_numbers: int = knob(5, Int(2, 12))
+    ood_max_numbers: int = knob(6, Int(2, 12))
+    min_value: int = knob(1, Int(1, 10**6))
+    max_value: int = knob(100, Int(1, 10**6))
+    min_target: int = knob(100, Int(1, 10**9))
+    max_target: int = knob(999, Int(1, 10**9))
     partial_credit: bool = False
-    eval_seed: int = 1234
+    eval_seed: int = knob(1234, Int(0, 2**30 - 1))  # training draws its problems from the seeds above 2**31
+
+    @staticmethod
+    def check(cfg, root=None) -> None:
+        """Cheap (values, data present), before any model is built."""
+        if importlib.util.find_spec("reasoning_gym") is None:
+            raise ConfigError("task=countdown needs reasoning-gym; install it with `pip install reasoning-gym`")
+        for lo, hi in (("min_numbers", "max_numbers"), ("ood_min_numbers", "ood_max_numbers"),
+                       ("min_value", "max_value"), ("min_target", "max_target")):
+            if cfg[lo] > cfg[hi]:
+                raise ConfigError(f"task.{lo}={cfg[lo]} is above task.{hi}={cfg[hi]}; a range needs min <= max")
+        if (cfg.min_numbers, cfg.max_numbers) == (cfg.ood_min_numbers, cfg.ood_max_numbers):
+            raise ConfigError("task.ood_min_numbers..ood_max_numbers is the training range; the OOD split must differ")
 
 
 def generator(cfg, seed: int, ood: bool):
@@ -67,22 +81,7 @@ def draw(gen, idx: int, checker: str) -> Problem | None:
 class CountdownTask(Task):
     name = "countdown"
     schema = CountdownTaskConfig
-
-    @classmethod
-    def check(cls, cfg) -> None:
-        if importlib.util.find_spec("reasoning_gym") is None:
-            raise ConfigError("task=countdown needs reasoning-gym; install it with `pip install reasoning-gym`")
-        ranges = {"numbers": (cfg.min_numbers, cfg.max_numbers), "ood numbers": (cfg.ood_min_numbers, cfg.ood_max_numbers),
-                  "values": (cfg.min_value, cfg.max_value), "targets": (cfg.min_target, cfg.max_target)}
-        for what, (lo, hi) in ranges.items():
-            if not 1 <= lo <= hi:
-                raise ConfigError(f"task: {what} range {lo}..{hi} is not valid; it needs 1 <= min <= max")
-        if cfg.min_numbers < 2 or cfg.ood_min_numbers < 2:
-            raise ConfigError("task.min_numbers and task.ood_min_numbers must be >= 2")
-        if (cfg.min_numbers, cfg.max_numbers) == (cfg.ood_min_numbers, cfg.ood_max_numbers):
-            raise ConfigError("task.ood_min_numbers..ood_max_numbers is the training range; the OOD split must differ")
-        if not 0 <= cfg.eval_seed < 2**30:
-            raise ConfigError(f"task.eval_seed={cfg.eval_seed} must be within 0..2**30 (training uses the seeds above)")
+    EVAL_ONLY = (*Task.EVAL_ONLY, "ood_min_numbers", "ood_max_numbers", "eval_seed")
 
     def __init__(self, cfg, seed: int):
         super().__init__(cfg, seed)

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from typing import List
 
 from klrl.tasks.checkers import last_boxed
-from klrl.config.schema import ConfigError, TaskConfig
+from klrl.config.schema import TaskConfig
+from klrl.errors import ConfigError
 from klrl.tasks.base import Problem, Task
 from klrl.hub import DataSource, check_source, fixed_subset, load_rows
 from klrl.tasks.mmlu import COLLEGE, check_mmlu, load_mmlu
@@ -37,6 +38,17 @@ class MathTaskConfig(TaskConfig):
     ood_data: DataSource = field(default_factory=lambda: DataSource(path="cais/mmlu"))
     ood_subjects: List[str] = field(default_factory=lambda: list(COLLEGE))
     ood_split: str = "test"
+
+    @staticmethod
+    def check(cfg, root=None) -> None:
+        """Cheap (values, data present), before any model is built."""
+        if not cfg.train_subjects or not set(cfg.train_subjects) <= set(SUBJECTS):
+            raise ConfigError(f"task.train_subjects={list(cfg.train_subjects)} is not valid; "
+                              f"choose from: {', '.join(SUBJECTS)}")
+        check_source(cfg.train_data, "task.train_data")
+        check_source(cfg.eval_data, "task.eval_data")
+        check_mmlu(cfg.ood_data, cfg.ood_subjects, [cfg.ood_split], "task.ood_data")
+
 
 
 def math_problem(question: str, answer: str, **meta) -> Problem:
@@ -60,15 +72,6 @@ def load_math500(src: DataSource) -> list[Problem]:
 class MathTask(Task):
     name = "math"
     schema = MathTaskConfig
-
-    @classmethod
-    def check(cls, cfg) -> None:
-        if not cfg.train_subjects or not set(cfg.train_subjects) <= set(SUBJECTS):
-            raise ConfigError(f"task.train_subjects={list(cfg.train_subjects)} is not valid; "
-                              f"choose from: {', '.join(SUBJECTS)}")
-        check_source(cfg.train_data, "task.train_data")
-        check_source(cfg.eval_data, "task.eval_data")
-        check_mmlu(cfg.ood_data, cfg.ood_subjects, [cfg.ood_split], "task.ood_data")
 
     def __init__(self, cfg, seed: int):
         super().__init__(cfg, seed)

@@ -12,7 +12,8 @@ import random
 from dataclasses import dataclass, field
 from typing import List
 
-from klrl.config.schema import ConfigError, TaskConfig
+from klrl.config.schema import TaskConfig
+from klrl.errors import ConfigError
 from klrl.tasks.base import Problem, Task
 from klrl.hub import DataSource, check_source, fixed_subset, load_rows
 
@@ -27,6 +28,16 @@ class MmluTaskConfig(TaskConfig):
     subjects: List[str] = field(default_factory=lambda: list(COLLEGE))
     train_splits: List[str] = field(default_factory=lambda: ["dev", "validation"])
     eval_split: str = "test"
+
+    @staticmethod
+    def check(cfg, root=None) -> None:
+        """Cheap (values, data present), before any model is built."""
+        check_mmlu(cfg.data, cfg.subjects, [*cfg.train_splits, cfg.eval_split], "task.data")
+        if not cfg.train_splits:
+            raise ConfigError("task.train_splits is empty; training needs at least one of: dev, validation")
+        if cfg.eval_split in cfg.train_splits:
+            raise ConfigError(f"task.train_splits={list(cfg.train_splits)} contains the evaluation split {cfg.eval_split!r}")
+
 
 
 def make_problem(row: dict) -> Problem:
@@ -55,14 +66,6 @@ def check_mmlu(src: DataSource, subjects, splits, what: str) -> None:
 class MmluTask(Task):
     name = "mmlu_college"
     schema = MmluTaskConfig
-
-    @classmethod
-    def check(cls, cfg) -> None:
-        check_mmlu(cfg.data, cfg.subjects, [*cfg.train_splits, cfg.eval_split], "task.data")
-        if not cfg.train_splits:
-            raise ConfigError("task.train_splits is empty; training needs at least one of: dev, validation")
-        if cfg.eval_split in cfg.train_splits:
-            raise ConfigError(f"task.train_splits={list(cfg.train_splits)} contains the evaluation split {cfg.eval_split!r}")
 
     def __init__(self, cfg, seed: int):
         super().__init__(cfg, seed)

@@ -54,7 +54,7 @@ def _generator_main(cfg_dict, shared, cond, version, stop, conn, start_step: int
         from klrl.sampling.generation import make_generator
         from klrl.models.registry import load_model
         from klrl.tasks import TASKS
-        from klrl.training.trainer import behaviour_logprobs, collect
+        from klrl.sampling.batch import behaviour_logprobs, collect
 
         torch.set_num_threads(threads)
         cfg = OmegaConf.create(cfg_dict)

@@ -9,7 +9,6 @@ an unreadable summary or config is reported instead of raised.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,14 +17,13 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from klrl.runs.rundir import METRICS, SUMMARY
+from klrl.runs.rundir import CONFIG, METRICS, RunDir
+from klrl.runs.rundir import STATUSES as RUN_STATUSES
 
-CONFIG = Path(".hydra") / "config.yaml"
-OVERRIDES = Path(".hydra") / "overrides.yaml"
 MULTIRUN = "multirun.yaml"
-# What a run can be, in the order tables list them. `missing`: expected by a sweep's multirun.yaml, no directory;
-# `pending`: directory and config, no summary yet; `unknown`: summary unreadable or with an unexpected status.
-STATUSES = ("completed", "diverged", "failed", "running", "pending", "missing", "unknown")
+# What a run can be: a run directory's states (klrl.runs.rundir.STATUSES), and `missing`: expected by a sweep's
+# multirun.yaml, no directory.
+STATUSES = (*RUN_STATUSES, "missing")
 FINISHED = ("completed", "diverged")
 
 
@@ -67,27 +65,6 @@ def _read_yaml(path: Path) -> Any:
         return yaml.safe_load(f)
 
 
-def read_metrics_lenient(path: Path) -> tuple[list[dict], int]:
-    """Records of metrics.jsonl and the number of lines that could not be parsed."""
-    if not path.is_file():
-        return [], 0
-    records, bad = [], 0
-    with open(path, errors="replace") as f:
-        for line in f:
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                bad += 1
-                continue
-            if isinstance(rec, dict) and isinstance(rec.get("step"), (int, float)):
-                records.append(rec)
-            else:
-                bad += 1
-    return records, bad
-
-
 def _frame(records: list[dict]) -> pd.DataFrame:
     if not records:
         return pd.DataFrame({"step": pd.Series(dtype="int64")})
@@ -97,39 +74,23 @@ def _frame(records: list[dict]) -> pd.DataFrame:
 
 
 def load_run(path: Path) -> Run:
-    path = Path(path)
+    """Everything `klrl table` needs of one run directory; damage is noted, never raised."""
+    run = RunDir(path)
     notes: list[str] = []
     try:
-        config = _read_yaml(path / CONFIG)
-        if not isinstance(config, dict):
-            raise ValueError("not a mapping")
-    except Exception as e:  # noqa: BLE001 - a damaged run must not stop the table
+        config = run.read_config()
+    except ValueError as e:
         config = None
-        notes.append(f"unreadable {CONFIG}: {type(e).__name__}: {_first_line(e)}")
-    overrides = None
-    if (path / OVERRIDES).is_file():
-        try:
-            overrides = [str(o) for o in _read_yaml(path / OVERRIDES) or []]
-        except Exception as e:  # noqa: BLE001
-            notes.append(f"unreadable {OVERRIDES}: {type(e).__name__}")
-
-    summary: dict = {}
-    if not (path / SUMMARY).is_file():
-        status = "pending"
-    else:
-        try:
-            summary = json.loads((path / SUMMARY).read_text())
-            if not isinstance(summary, dict):
-                raise ValueError("not an object")
-            status = summary.get("status")
-            if status not in STATUSES:
-                notes.append(f"{SUMMARY}: unexpected status {status!r}")
-                status = "unknown"
-        except Exception as e:  # noqa: BLE001
-            summary, status = {}, "unknown"
-            notes.append(f"unreadable {SUMMARY}: {type(e).__name__}: {_first_line(e)}")
-
-    records, bad = read_metrics_lenient(path / METRICS)
+        notes.append(str(e))
+    overrides = run.read_overrides()
+    state = run.state()
+    if state.status in ("unreadable", "unknown"):
+        notes.append(state.detail)
+    try:
+        summary = run.read_summary() or {}
+    except ValueError:
+        summary = {}
+    records, bad = run.read_metrics()
     if bad:
         notes.append(f"{bad} unreadable line(s) in {METRICS}")
     train = _frame([r for r in records if r.get("kind", "train") == "train"])
@@ -138,9 +99,9 @@ def load_run(path: Path) -> Run:
     if diverged_at is None:
         div = [r["step"] for r in records if r.get("kind") == "diverged"]
         diverged_at = div[-1] if div else None
-    if status == "diverged" and diverged_at is None:
+    if state.status == "diverged" and diverged_at is None:
         diverged_at = summary.get("step")
-    return Run(path, config, status, overrides, summary, train, evals,
+    return Run(run.path, config, state.status, overrides, summary, train, evals,
                int(diverged_at) if diverged_at is not None else None, notes)
 
 
@@ -181,30 +142,21 @@ def expected_jobs(multirun_yaml: Path) -> list[list[str]] | None:
     return [job for batch in BasicSweeper.split_arguments(jobs, None) for job in batch]
 
 
-def compose_configs(jobs: list[list[str]]) -> list[dict | None]:
-    """The configs missing jobs would have had, composed from the current conf/; None for a job that no longer
-    composes (it is still reported, without a configuration row)."""
-    if not jobs:
-        return []
-    try:
-        from hydra import compose, initialize_config_dir
-        from omegaconf import OmegaConf
+def compose_configs(jobs: list[list[str]], compose) -> list[dict | None]:
+    """The configs missing jobs would have had, by `compose(overrides) -> DictConfig` (none: no configs); None for
+    a job that no longer composes (it is still reported, without a configuration row)."""
+    from omegaconf import OmegaConf
 
-        from klrl.cli.train import CONF_DIR
-
-        out: list[dict | None] = []
-        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-            for job in jobs:
-                try:
-                    out.append(OmegaConf.to_container(compose(config_name="train", overrides=job), resolve=False))
-                except Exception:  # noqa: BLE001
-                    out.append(None)
-        return out
-    except Exception:  # noqa: BLE001 - e.g. Hydra already initialised by a caller
-        return [None] * len(jobs)
+    out: list[dict | None] = []
+    for job in jobs:
+        try:
+            out.append(OmegaConf.to_container(compose(job), resolve=False) if compose else None)
+        except Exception:  # noqa: BLE001 - a grid point that today's conf/ no longer composes
+            out.append(None)
+    return out
 
 
-def missing_runs(root: Path, runs: list[Run]) -> tuple[list[Run], list[str]]:
+def missing_runs(root: Path, runs: list[Run], compose=None) -> tuple[list[Run], list[str]]:
     """Runs that a multirun.yaml under root expected but that have no directory. Returns (runs, warnings).
 
     Only for sweeps made by Hydra's basic sweeper; with any other sweeper no run is reported missing.
@@ -226,17 +178,18 @@ def missing_runs(root: Path, runs: list[Run]) -> tuple[list[Run], list[str]]:
                 continue
             seen.add(key)
             todo.append(job)
-    missing = [Run(None, cfg, "missing", overrides=job) for job, cfg in zip(todo, compose_configs(todo))]
+    missing = [Run(None, cfg, "missing", overrides=job) for job, cfg in zip(todo, compose_configs(todo, compose))]
     return missing, warnings
 
 
-def load_sweep(roots: list[Path]) -> tuple[list[Run], list[str]]:
-    """All runs under the given directories, missing ones included. Returns (runs, warnings)."""
+def load_sweep(roots: list[Path], compose=None) -> tuple[list[Run], list[str]]:
+    """All runs under the given directories, missing ones included (their configs by `compose`, when given).
+    Returns (runs, warnings)."""
     runs: list[Run] = []
     warnings: list[str] = []
     for root in roots:
         found = [load_run(d) for d in find_run_dirs(Path(root))]
-        missing, warn = missing_runs(Path(root), found)
+        missing, warn = missing_runs(Path(root), found, compose)
         runs += found + missing
         warnings += warn
     for r in runs:

@@ -1,0 +1,118 @@
+"""Declared constraints: what a config field accepts, written next to the field, checked by one validator.
+
+    lr: float = knob(1e-4, Positive())              # a finite number > 0
+    baseline: str = knob("rloo", OneOf(*BASELINES))
+    micro_batch_size: Optional[int] = knob(None, Int(1))   # None passes: "unset" is always valid for Optional
+
+A constraint is a callable `value -> None | reason`, with `valid` saying in words what it accepts; the validator
+(`klrl.config.validate`) turns a failure into one line: `key=value is not valid; it must be <valid>`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import MISSING, field
+from numbers import Real
+from typing import Any, Callable, Iterable
+
+CHECKS = "klrl_checks"  # the dataclass field metadata key
+
+
+def knob(default: Any = MISSING, *checks: "Constraint", factory: Callable[[], Any] | None = None) -> Any:
+    """A dataclass field with its constraints (default, or default_factory for mutable defaults)."""
+    if factory is not None:
+        return field(default_factory=factory, metadata={CHECKS: checks})
+    return field(default=default, metadata={CHECKS: checks})
+
+
+class Constraint:
+    valid: str = ""
+
+    def __call__(self, value: Any) -> bool:  # True when the value is acceptable
+        raise NotImplementedError
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, Real) and not isinstance(value, bool)
+
+
+class Range(Constraint):
+    """A finite number within [lo, hi] (open ends with lo_open / hi_open)."""
+
+    def __init__(self, lo: float = -math.inf, hi: float = math.inf, lo_open: bool = False, hi_open: bool = False):
+        self.lo, self.hi, self.lo_open, self.hi_open = lo, hi, lo_open, hi_open
+        parts = []
+        if lo > -math.inf:
+            parts.append(f"{'>' if lo_open else '>='} {lo:g}")
+        if hi < math.inf:
+            parts.append(f"{'<' if hi_open else '<='} {hi:g}")
+        self.valid = "a finite number" + (" " + " and ".join(parts) if parts else "")
+
+    def __call__(self, value: Any) -> bool:
+        if not _number(value) or not math.isfinite(value):
+            return False
+        above = value > self.lo if self.lo_open else value >= self.lo
+        below = value < self.hi if self.hi_open else value <= self.hi
+        return above and below
+
+
+def Positive() -> Range:  # noqa: N802 (reads as a type)
+    return Range(0.0, lo_open=True)
+
+
+def NonNegative() -> Range:  # noqa: N802
+    return Range(0.0)
+
+
+class Int(Constraint):
+    """An integer within [lo, hi]."""
+
+    def __init__(self, lo: int = -(2**63), hi: int = 2**63 - 1):
+        self.lo, self.hi = lo, hi
+        if hi >= 2**62:
+            self.valid = f"an integer >= {lo}"
+        else:
+            self.valid = f"an integer in {lo}..{hi}"
+
+    def __call__(self, value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and self.lo <= value <= self.hi
+
+
+class OneOf(Constraint):
+    """One of a set of choices; `choices` may be a callable, read at check time (a registry that grows)."""
+
+    def __init__(self, *choices: Any, dynamic: Callable[[], Iterable[Any]] | None = None):
+        self._choices, self._dynamic = choices, dynamic
+
+    @property
+    def choices(self) -> tuple:
+        return tuple(self._dynamic()) if self._dynamic else self._choices
+
+    @property
+    def valid(self) -> str:  # type: ignore[override]
+        return "one of: " + ", ".join(map(str, self.choices))
+
+    def __call__(self, value: Any) -> bool:
+        return any(value == c and type(value) is type(c) for c in self.choices)
+
+
+class NonEmpty(Constraint):
+    valid = "a non-empty string"
+
+    def __call__(self, value: Any) -> bool:
+        return isinstance(value, str) and bool(value.strip())
+
+
+class Each(Constraint):
+    """A list of exactly `length` items (any length when None), each passing `item`."""
+
+    def __init__(self, item: Constraint, length: int | None = None):
+        self.item, self.length = item, length
+        self.valid = (f"a list of {length} " if length else "a list of ") + f"values, each {item.valid}"
+
+    def __call__(self, value: Any) -> bool:
+        try:
+            items = list(value)
+        except TypeError:
+            return False
+        return (self.length is None or len(items) == self.length) and all(self.item(v) for v in items)

@@ -1,0 +1,160 @@
+"""The one validator: every declared field constraint, unknown keys, each schema's own check hook, then the rules
+that tie fields together. Cheap (touches no model and no data) and run before anything is built or written, for
+`klrl train`, every point of a sweep, `klrl audit` and `klrl eval`. Every failure is one line naming the key, the
+bad value and what is valid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from typing import Any, Callable
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from klrl.config.constraints import CHECKS, OneOf
+from klrl.config.specs import PLACEMENTS
+from klrl.errors import ConfigError
+
+MISSING = "???"
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, (DictConfig, ListConfig)):
+        value = OmegaConf.to_container(value, resolve=False)
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def _refuse(key: str, value: Any, constraint) -> ConfigError:
+    what = f"choose from: {', '.join(map(str, constraint.choices))}" if isinstance(constraint, OneOf) \
+        else f"it must be {constraint.valid}"
+    return ConfigError(f"{key}={_show(value)} is not valid; {what}")
+
+
+def _unknown(key: str, known: list[str]) -> ConfigError:
+    leaf = key.rsplit(".", 1)[-1]
+    near = difflib.get_close_matches(leaf, known, n=3, cutoff=0.5)
+    where = key.rsplit(".", 1)[0] if "." in key else "the top level"
+    hint = f"did you mean {', '.join(key.replace(leaf, n) for n in near)}?" if near else \
+        f"valid keys at {where}: {', '.join(known)}"
+    return ConfigError(f"unknown key {key!r}; {hint}")
+
+
+def check_fields(node: DictConfig, root: DictConfig, prefix: str = "") -> None:
+    """Walk a structured node: refuse keys its schema lacks, check every declared constraint, recurse, then run
+    the schema's `check(node, root)` hook (model sources and tasks know things the schema cannot say)."""
+    schema = OmegaConf.get_type(node)
+    if not dataclasses.is_dataclass(schema):
+        return
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    for key in node.keys():
+        full = f"{prefix}{key}"
+        if not prefix and key == "hydra":  # Hydra's own node, when composed with it; Hydra checks its schema
+            continue
+        if key not in fields:
+            raise _unknown(full, sorted(fields))
+        try:
+            value = node[key]
+        except OmegaConfBaseException as e:  # a broken interpolation, a missing mandatory value
+            raise ConfigError(f"{full}: {str(e).splitlines()[0]}") from None
+        if isinstance(value, DictConfig):
+            check_fields(value, root, f"{full}.")
+            continue
+        if value is None or OmegaConf.is_missing(node, key):
+            continue
+        plain = OmegaConf.to_container(value, resolve=True) if isinstance(value, ListConfig) else value
+        for constraint in fields[key].metadata.get(CHECKS, ()):
+            if not constraint(plain):
+                raise _refuse(full, plain, constraint)
+    hook: Callable | None = getattr(schema, "check", None)
+    if hook is not None:
+        hook(node, root)
+
+
+# --- rules that tie fields together (each raises one line, or passes) ---------------------------------------------
+
+
+def kl_choices(cfg) -> None:
+    beta, est, place = cfg.beta, cfg.estimator.name, cfg.placement.name
+    if est == "none":
+        if beta != 0:
+            raise ConfigError(f"beta={beta} with estimator=none would be ignored; set beta=0 or choose an estimator")
+        if place != "none":
+            raise ConfigError(f"placement={place} with estimator=none would be ignored; drop it (placement=none)")
+        for key in ("clamp_log_ratio", "clamp_value"):
+            if cfg.estimator.get(key) is not None:
+                raise ConfigError(f"estimator.{key}={cfg.estimator[key]} needs an estimator; estimator=none has none")
+        return
+    if place == "none":
+        raise ConfigError(f"estimator={est} with placement=none would be ignored; choose reward, loss or both")
+    if beta == 0:
+        raise ConfigError(f"beta=0 makes estimator={est} inert; use estimator=none for a run without KL")
+
+
+def placement_options(cfg) -> None:
+    in_reward, in_loss = PLACEMENTS[cfg.placement.name]
+    p = cfg.placement
+    for key, applies, where in (("reward_form", in_reward, "reward or both"),
+                                ("reward_is_weight", in_reward, "reward or both"),
+                                ("loss_is_weight", in_loss, "loss or both")):
+        if p[key] is not None and not applies:
+            raise ConfigError(f"placement.{key}={p[key]} has no effect with placement={p.name}; it needs {where}")
+    if p.reward_is_weight and p.reward_form == "togo":
+        raise ConfigError("placement.reward_is_weight=true applies to the seqsum form only; set "
+                          "placement.reward_form=seqsum")
+
+
+def algo_options(cfg) -> None:
+    a = cfg.algo
+    if a.group_size < 2 and a.baseline != "none":
+        raise ConfigError(f"algo.group_size={a.group_size} is too small for baseline {a.baseline}; it needs >= 2")
+    if cfg.placement.get("reward_is_weight") and a.group_size < 2:
+        raise ConfigError(f"algo.group_size={a.group_size}: placement.reward_is_weight needs >= 2 (leave-one-out)")
+    if a.ratio_clip is not None and a.is_truncate is not None:
+        raise ConfigError("algo.ratio_clip and algo.is_truncate are alternatives; set only one")
+    off_policy = a.updates_per_batch > 1 or cfg.async_level > 0
+    if off_policy and a.ratio_clip is None and a.is_truncate is None:
+        if cfg.async_level:
+            raise ConfigError(f"async_level={cfg.async_level} makes rollouts off-policy: set algo.is_truncate (the paper "
+                              "uses 8) or algo.ratio_clip")
+        raise ConfigError(f"algo.updates_per_batch={a.updates_per_batch} needs algo.ratio_clip (PPO) or "
+                          "algo.is_truncate: later updates are off-policy")
+    for key in ("ratio_clip", "is_truncate"):
+        if a[key] is not None and not off_policy:
+            raise ConfigError(f"algo.{key}={a[key]} has no effect on-policy (every importance ratio is 1); it needs "
+                              "async_level > 0 or algo.updates_per_batch > 1")
+    if a.micro_batch_size is not None and a.micro_batch_size % a.group_size:
+        raise ConfigError(f"algo.micro_batch_size={a.micro_batch_size} must be a multiple of algo.group_size="
+                          f"{a.group_size}")
+    if a.get("agg_norm") is not None and a.agg != "seq_mean_token_sum_norm":
+        raise ConfigError(f"algo.agg_norm={a.agg_norm} has no effect with algo.agg={a.agg}; it needs "
+                          "algo.agg=seq_mean_token_sum_norm")
+
+
+def execution(cfg) -> None:
+    m = cfg.model
+    if m.param_dtype is not None and m.param_dtype != m.dtype and not m.fsdp:
+        raise ConfigError(f"model.param_dtype={m.param_dtype} (master weights apart from model.dtype={m.dtype}) "
+                          "needs model.fsdp=true, whose mixed-precision policy casts them; or drop model.param_dtype")
+    if cfg.async_mode == "pipeline":
+        if cfg.async_level < 1:
+            raise ConfigError("async_mode=pipeline needs async_level >= 1 (how far generation may run ahead)")
+        if m.fsdp:
+            raise ConfigError("model.fsdp=true does not run with async_mode=pipeline (one trainer process); "
+                              "use async_mode=sim for lagged rollouts")
+    if cfg.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("device=cuda but no CUDA device is visible here; use device=auto or device=cpu")
+
+
+RULES = (kl_choices, placement_options, algo_options, execution)
+
+
+def validate(cfg: DictConfig) -> None:
+    """Refuse bad values, unknown keys and silently inert combinations (ConfigError, one line)."""
+    check_fields(cfg, cfg)
+    for rule in RULES:
+        rule(cfg)
