@@ -4,15 +4,17 @@ off-policy table, the Monte-Carlo estimator against the exact answer, and the co
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
+from scipy import stats
 
 from klrl.audit import exact as ex
 from klrl.audit.configs import all_configs, select
-from klrl.audit.mc import EnumerableSampler, f_sf, hotelling, mc_audit
+from klrl.audit.mc import EnumerableSampler, hotelling, mc_audit
 from klrl.audit.policies import tabular_triple, transformer_triple
-from klrl.audit.run import audit_regime
+from klrl.audit.run import audit_regime, length_sweep
 from klrl.cli.main import main as cli_main
 from klrl.core.losses import PGSpec, policy_loss
 from klrl.core.toy import exact_targets, expected_gradient, groups, log_probs
@@ -132,9 +134,28 @@ def test_transformer_adapter_gives_the_same_verdicts():
 
 
 def test_f_tail_matches_known_forms():
+    """hotelling's p-value is scipy.stats.f.sf(F, d1, d2): checked against closed forms, even and odd d1."""
+    f_sf = stats.f.sf
     for f in (0.1, 1.0, 3.0):
         assert f_sf(f, 2, 10) == pytest.approx((1 + 2 * f / 10) ** -5, rel=1e-12)  # F(2, d2) tail
-        assert f_sf(f, 4, 10**7) == pytest.approx(torch.exp(torch.tensor(-2 * f)).item() * (1 + 2 * f), rel=1e-4)
+        assert f_sf(f, 4, 10**7) == pytest.approx(math.exp(-2 * f) * (1 + 2 * f), rel=1e-4)  # -> chi2_4 / 4
+        assert f_sf(f, 1, 1) == pytest.approx(1 - 2 / math.pi * math.atan(math.sqrt(f)), rel=1e-12)  # |Cauchy|^2
+        x = 3 * f  # F(3, inf) = chi2_3 / 3, whose tail is erfc(sqrt(x/2)) + sqrt(2x/pi) exp(-x/2)
+        chi2_3 = math.erfc(math.sqrt(x / 2)) + math.sqrt(2 * x / math.pi) * math.exp(-x / 2)
+        assert f_sf(f, 3, 10**7) == pytest.approx(chi2_3, rel=1e-4)
+
+
+def test_hotelling_in_odd_dimensions():
+    gen = torch.Generator().manual_seed(1)
+    d = torch.randn(30, 1, generator=gen, dtype=torch.float64) + 0.3
+    t2, p = hotelling(d)  # k = 1: the two-sided one-sample t-test
+    ref = stats.ttest_1samp(d[:, 0].numpy(), 0.0)
+    assert t2 == pytest.approx(ref.statistic**2, rel=1e-10) and p == pytest.approx(ref.pvalue, rel=1e-10)
+    mix = torch.tensor([[1.0, 0.5, 0], [0, 1, 0], [0, 0, 0.1]], dtype=torch.float64)
+    ps = [hotelling(torch.randn(40, 3, generator=gen, dtype=torch.float64) @ mix)[1] for _ in range(400)]
+    assert 0.02 < sum(p < 0.05 for p in ps) / len(ps) < 0.09  # calibrated at k = 3
+    with pytest.raises(ValueError, match="more samples than dimensions"):
+        hotelling(torch.randn(3, 3, dtype=torch.float64))
 
 
 def test_hotelling_calibration():
@@ -145,16 +166,17 @@ def test_hotelling_calibration():
     assert 0.02 < sum(p < 0.05 for p in ps) / len(ps) < 0.09
 
 
-@pytest.mark.parametrize("off_policy", [False, True])
-def test_monte_carlo_agrees_with_exact_on_the_tabular_policy(off_policy):
+@pytest.mark.parametrize("off_policy, k", [(False, 4), (True, 3)])  # an odd projection too
+def test_monte_carlo_agrees_with_exact_on_the_tabular_policy(off_policy, k):
     tr = tabular_triple(3, 2, 0.6, 0.5, seed=2)
     names = ["k1-reward", "k1-loss", "k3-loss", "k3-reward", "k1-reward+seqIS", "k3-loss+tokIS"]
     specs = {c.name: c.spec for c in select(names)}
     pg, G = PGSpec(), 2
     behaviour = tr.old if off_policy else None
     sampler = EnumerableSampler(tr.policy, tr.ref, G, behaviour, seed=5)
-    res = mc_audit(sampler, specs, pg, n_batches=400, n_pilot=200, seed=1)
+    res = mc_audit(sampler, specs, pg, n_batches=400, n_pilot=200, k=k, seed=1)
     basis, z = res["basis"], res["z"]
+    assert basis.shape[1] == k and res["k"] == k
     exact = {n: expected_gradient(tr.policy, tr.ref, s, pg, G, behaviour=behaviour).detach() for n, s in specs.items()}
     for n in names:
         _, p = hotelling(z[n], basis.T @ exact[n])
@@ -179,7 +201,48 @@ def test_cli_writes_json_and_png(tmp_path):
     rows = data["policies"]["tabular"]["on_policy"]["configs"]
     assert len(rows) == len(all_configs()) and rows["k1-reward"]["verdict"] == "unbiased"
     assert data["length_sweep"]["lengths"] == [1, 2, 3]
+    k1r = data["length_sweep"]["configs"]["k1-reward"]
+    assert k1r["rel_err_std"] == [None] * 3 and [len(v) for v in k1r["rel_err_seeds"]] == [1, 1, 1]  # one seed
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert png.with_suffix(".pdf").read_bytes()[:5] == b"%PDF-"  # the vector twin
+
+
+def test_length_sweep_records_the_spread_over_seeds():
+    sweep = length_sweep(2, [1, 2], 2, "rloo", 0.5, [0, 1000, 2000], select(["k1-reward", "k3-loss", "k1-both+seqIS"]))
+    for name, row in sweep["configs"].items():
+        for key in ("rel_err", "var_group", "bias_norm"):
+            for mean, std, seeds in zip(row[key], row[f"{key}_std"], row[f"{key}_seeds"]):
+                assert len(seeds) == 3 and mean == pytest.approx(sum(seeds) / 3, rel=1e-12)
+                sd = float(torch.tensor(seeds, dtype=torch.float64).std())
+                assert std == pytest.approx(sd, rel=1e-9), (name, key)
+    assert sweep["configs"]["k1-both+seqIS"]["var_single"] == [None, None]  # needs groups: no single-sample number
+    assert sweep["configs"]["k1-both+seqIS"]["var_single_seeds"] == [[None] * 3] * 2
+
+
+def test_sweep_figure_separates_round_off_from_bias():
+    """Unbiased configurations (relative bias ~1e-15, or exactly 0) sit in a round-off strip below the biased ones,
+    on a broken log axis, named in its note; the biased ones carry min-max error bars over the seeds."""
+    from klrl import plotstyle
+    from klrl.audit.report import sweep_figure
+
+    configs = {"k1-reward": {"rel_err": [0.0, 3e-16], "rel_err_seeds": [[0.0, 0.0], [1e-16, 5e-16]]},
+               "k3-reward": {"rel_err": [0.2, 0.5], "rel_err_seeds": [[0.1, 0.3], [0.4, 0.6]]},
+               "k3-loss": {"rel_err": [0.1, 0.3], "rel_err_seeds": [[0.05, 0.15], [0.2, 0.4]]}}
+    for row in configs.values():
+        row["var_group"] = [0.1, 1.0]
+    fig = sweep_figure({"vocab": 2, "lengths": [1, 2], "seeds": [0, 1], "configs": configs})
+    top = next(ax for ax in fig.axes if ax.get_title() == "bias (exact)")
+    strip = next(ax for ax in fig.axes if ax.get_facecolor()[0] < 0.95)  # the grey round-off strip
+    assert top.get_yscale() == strip.get_yscale() == "log"
+    assert strip.get_ylim()[0] < plotstyle.FLOOR and strip.get_ylim()[1] == plotstyle.ROUNDOFF
+    assert top.get_ylim()[0] > plotstyle.ROUNDOFF and top.get_ylim()[1] >= 0.6  # the largest seed fits
+    bars = {c.get_label(): c for c in strip.containers}
+    assert list(bars["k1-reward"].lines[0].get_ydata()) == [plotstyle.FLOOR, 3e-16]  # 0 drawn at the floor
+    assert not bars["k1-reward"].has_yerr and bars["k3-reward"].has_yerr
+    assert any("unbiased (k1-reward)" in t.get_text() for t in strip.texts)
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert {"colour = estimator", "line style = placement", "k1", "k3", "reward", "loss"} <= set(legend)
+    assert "error bar: min-max over 2 seeds" in legend
 
 
 @pytest.mark.parametrize("args", [

@@ -170,7 +170,7 @@ def _precision_worker(rank, out_path, cache, fsdp):
         shard(ref, torch.device("cpu"), torch.bfloat16)
     before = {k: v.float().clone() for k, v in state_dicts(model, torch.optim.SGD(model.parameters(), lr=1))[0].items()}
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=0.0)  # moves only what has a gradient
-    batch = collect(0, cfg, make_generator(cfg, model, tok), tok, task, dist)
+    batch = collect(0, cfg, make_generator(cfg, model, tok), tok, task, dist.rank, dist.world)
     update(batch, cfg, model, ref, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), kl_spec(cfg), pg_spec(cfg), dist)
     after = state_dicts(model, opt)[0]
     moved = sum(int((after[k].float() != v).sum()) for k, v in before.items())

@@ -27,29 +27,37 @@ def run_dir(tmp_path_factory):
     return run
 
 
+def results(run_dir: Path) -> list[dict]:
+    """Every `klrl eval` result so far: one line each, appended (an earlier result is never lost)."""
+    return [json.loads(line) for line in (run_dir / "evals.jsonl").read_text().splitlines()]
+
+
 def test_eval_reproduces_the_final_evaluation(run_dir):
     proc = klrl("eval", run_dir)
     assert proc.returncode == 0, proc.stderr[-3000:]
     final = json.loads((run_dir / "summary.json").read_text())["final_eval"]
-    result = json.loads((run_dir / "eval.json").read_text())
+    result = results(run_dir)[-1]
     assert result["step"] == 2 and result["n_samples"] == 2 and result["splits"] == ["id", "ood"]
     assert result["metrics"] == final
     assert final["eval/id/greedy"] > 0
     assert f"eval/id/pass@1               {final['eval/id/pass@1']:.4f}" in proc.stdout
-    assert not [p for p in run_dir.iterdir() if p.name.startswith(".eval.json")]  # written atomically
+    assert result["eval_sampling"] == {"temperature": 1.0, "top_p": 1.0}
 
 
 def test_eval_options(run_dir):
+    before = results(run_dir) if (run_dir / "evals.jsonl").exists() else []
     proc = klrl("eval", run_dir, "--n-samples", 3, "--split", "ood")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads((run_dir / "eval.json").read_text())
+    assert results(run_dir)[: len(before)] == before  # earlier results kept
+    result = results(run_dir)[-1]
     assert result["n_samples"] == 3 and result["splits"] == ["ood"]
     assert set(result["metrics"]) == {f"eval/ood/{m}{s}" for m in ("pass@1", "greedy") for s in ("", "_lo", "_hi")}
 
 
 @pytest.mark.parametrize("args, message", [
     (["--split", "test"], "klrl: --split 'test' is not valid; choose from: id, ood"),
-    (["--n-samples", "0"], "klrl: --n-samples=0 must be >= 1"),
+    (["--n-samples", "0"], "klrl: eval.n_samples=0 is not valid; it must be an integer in 1..65536"),
+    (["--temperature", "-1"], "klrl: eval.temperature=-1.0 is not valid; it must be a finite number > 0"),
 ])
 def test_eval_bad_options(run_dir, args, message):
     proc = klrl("eval", run_dir, *args)

@@ -178,8 +178,8 @@ def test_vllm_config_checks_where_vllm_could_run(monkeypatch):
     for overrides, message in (
         (["async_mode=pipeline", "async_level=1", "algo.is_truncate=8"],
          "generation.backend=vllm does not run with async_mode=pipeline; use async_mode=sim"),
-        (["generation.vllm.gpu_memory_utilization=1.5"], "generation.vllm.gpu_memory_utilization=1.5 must be in (0, 1)"),
-        (["generation.vllm.max_model_len=0"], "generation.vllm.max_model_len=0 must be >= 1"),
+        (["generation.vllm.gpu_memory_utilization=1.5"], "generation.vllm.gpu_memory_utilization=1.5 is not valid; it must be a finite number > 0 and < 1"),
+        (["generation.vllm.max_model_len=0"], "generation.vllm.max_model_len=0 is not valid; it must be an integer >= 1"),
         (["model.fsdp=true"], "generation.backend=vllm does not run with model.fsdp=true yet"),
     ):
         with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):

@@ -41,7 +41,8 @@ def test_every_grid_file_expands_to_distinct_runs():
     for name in available():
         jobs = jobs_of(name)
         assert len({tuple(sorted(j)) for j in jobs}) == len(jobs), name
-        assert all("resume=true" in [o.lower() for o in j] for j in jobs), name  # every job resumes when resubmitted
+        # every job resumes when resubmitted: none overrides resume, whose default (auto) continues a run
+        assert not any(o.split("=")[0] == "resume" for j in jobs for o in j), name
         if name in expected:
             assert len(jobs) == expected[name], name
 
@@ -185,15 +186,22 @@ def test_job_id_ranges_as_slurm_prints_them():
     (None, None, "unknown"),
 ])
 def test_status_rules(summary, sched, status):
-    assert derive(summary, sched, {"job_id": "1_0"})[0] == status
+    from klrl.runs.rundir import State
+
+    state = State(summary["status"], detail=summary.get("error", "")) if summary else State("pending")
+    assert derive(state, sched, {"job_id": "1_0"})[0] == status
 
 
 def _fake_run(sweep: Path, name: str, overrides: list[str], summary: dict | None, steps_done: int) -> None:
+    """A run directory as the trainer leaves it; a "running" one has a live heartbeat."""
     run = sweep / name
     (run / ".hydra").mkdir(parents=True)
     (run / ".hydra" / "overrides.yaml").write_text(OmegaConf.to_yaml(overrides))
+    (run / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml({"steps": 10}))
     if summary is not None:
         (run / SUMMARY).write_text(json.dumps(summary))
+        if summary["status"] == "running":
+            (run / "heartbeat").touch()
     recs = [{"step": 0, "kind": "eval"}] + [{"step": s, "kind": "train", "reward": 0.5} for s in range(1, steps_done + 1)]
     (run / METRICS).write_text("".join(json.dumps(r) + "\n" for r in recs))
 
@@ -260,13 +268,14 @@ def test_status_without_a_scheduler_reads_run_dirs_only(tmp_path, monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------------- launcher
-def test_requeue_resubmits_with_resume_true():
+def test_requeue_resubmits_the_same_overrides():
+    """As the stock launcher does: the requeued job re-runs the run's own overrides, and resume=auto continues it."""
     from hydra_plugins.klrl_sweeps.launcher import KlrlSlurmLauncher
 
     launcher = KlrlSlurmLauncher(submitit_folder="/tmp/x/%j", timeout_min=1)
-    delayed = launcher.checkpoint(["seed=1", "resume=false"], "hydra.sweep.dir", 3, "job_id_for_3", {})
+    delayed = launcher.checkpoint(["seed=1"], "hydra.sweep.dir", 3, "job_id_for_3", {})
     assert delayed.function is launcher
-    assert delayed.args[0] == ["seed=1", "resume=true"] and delayed.args[1:] == ("hydra.sweep.dir", 3, "job_id_for_3", {})
+    assert delayed.args[0] == ["seed=1"] and delayed.args[1:] == ("hydra.sweep.dir", 3, "job_id_for_3", {})
 
 
 def test_launcher_configs_compose_and_keep_launcher_keys_out_of_the_primary_config():
@@ -296,7 +305,7 @@ def test_local_launcher_runs_a_two_point_grid_then_skips_it(tmp_path):
     assert len(runs) == 2 and all("optim.lr" not in r.name for r in runs)  # common keys do not name runs
     for r in runs:
         assert json.loads((r / SUMMARY).read_text())["status"] == "completed"
-        assert "resume=true" in (r / ".hydra" / "overrides.yaml").read_text().lower()
+        assert "resume=" not in (r / ".hydra" / "overrides.yaml").read_text().lower()  # the default, auto, resumes
     before = {r: (r / METRICS).read_bytes() for r in runs}
     subs = (sweep / "submissions.jsonl").read_text().splitlines()
     assert len(subs) == 1 and len(json.loads(subs[0])["runs"]) == 2

@@ -5,6 +5,8 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
+import re
 import time
 from pathlib import Path
 
@@ -16,6 +18,7 @@ from conftest import FAST, compose_cfg, run_klrl
 from omegaconf import OmegaConf
 
 from klrl.audit.verdicts import config_verdict
+from klrl.cli.table import _compose
 from klrl.runs.table.aggregate import (
     CollapseRule,
     curve_collapse,
@@ -27,7 +30,8 @@ from klrl.runs.table.aggregate import (
     t975,
 )
 from klrl.runs.table.load import load_run, load_sweep
-from klrl.runs.table.render import markdown, write_csv, write_latex, write_plots
+from klrl import plotstyle
+from klrl.runs.table.render import latex_table, markdown, model_figure, write_csv, write_latex, write_plots
 
 STEPS = 40
 
@@ -114,8 +118,10 @@ def sweep(tmp_path_factory) -> Path:
     ev = {0: evaluation(0.35), STEPS: {**evaluation(0.48, 0.55), "eval/id/pass@1_lo": 0.43, "eval/id/pass@1_hi": 0.55}}
     write_run(root, [*K3L, "seed=0"], "completed", train_records(STEPS, lambda t: 0.35), ev)
     write_run(root, [*K3L, "seed=1"], "failed", error="RuntimeError: CUDA out of memory")
-    write_run(root, [*K3L, "seed=2"], "running", train_records(7, lambda t: 0.35), {0: evaluation(0.35)},
-              extra_lines='{"step": 8, "kind": "train", "rew', step=7)
+    live = write_run(root, [*K3L, "seed=2"], "running", train_records(7, lambda t: 0.35), {0: evaluation(0.35)},
+                     extra_lines='{"step": 8, "kind": "train", "rew', step=7)
+    (live / "heartbeat").touch()  # a live process (without a fresh heartbeat a "running" run is stale) ...
+    os.utime(live / "heartbeat", (time.time() + 86400,) * 2)  # ... however slowly the tests run
     # k2 in loss: launched, nothing written yet.
     write_run(root, ["estimator=k2", "placement=loss", "seed=0"], None)
     # no KL: solves the task while its entropy collapses at step 20.
@@ -152,7 +158,7 @@ def test_rows_and_statuses(report):
                     ("k1", "loss", 0.1), ("k2", "loss", 0.1), ("k3", "reward", 0.1), ("k3", "loss", 0.1)]
     assert set(rep.rows["model"]) == {"tiny"} and rep.split_keys == []
     k1r = row(rep, "k1", "reward", 0.1)
-    assert (k1r["runs"], k1r["completed"], k1r["unknown"], k1r["seeds"]) == (4, 3, 1, "0,1,2,3")
+    assert (k1r["runs"], k1r["completed"], k1r["unreadable"], k1r["seeds"]) == (4, 3, 1, "0,1,2,3")
     k3l = row(rep, "k3", "loss")
     assert (k3l["completed"], k3l["failed"], k3l["running"], k3l["runs"]) == (1, 1, 1, 3)
     assert row(rep, "k2", "loss")["pending"] == 1
@@ -220,10 +226,13 @@ def test_stays_below_and_curve_rule():
 
 
 def test_t_quantiles():
-    assert t975(2) == 4.303 and t975(30) == 2.042
-    # exact values: t_{0.975}(31) = 2.03951, (60) = 2.00030, (1000) = 1.96234
-    assert t975(31) == pytest.approx(2.03951, abs=1e-4) and t975(60) == pytest.approx(2.00030, abs=1e-4)
-    assert t975(1000) == pytest.approx(1.96234, abs=1e-4)
+    # standard-table values, and the exact ones beyond the table: t_{0.975}(31) = 2.03951, (60) = 2.00030
+    assert (t975(1), t975(2), t975(30)) == pytest.approx((12.706, 4.303, 2.042), abs=5e-4)
+    assert t975(31) == pytest.approx(2.03951, abs=1e-5) and t975(60) == pytest.approx(2.00030, abs=1e-5)
+    assert t975(1000) == pytest.approx(1.96234, abs=1e-5) and t975(10**9) == pytest.approx(1.959964, abs=1e-6)
+    # the figures' bands use the same quantile
+    assert plotstyle.t_halfwidth(0.04, 3) == pytest.approx(t975(2) * 0.04 / math.sqrt(3))
+    assert math.isnan(plotstyle.t_halfwidth(0.04, 1))
 
 
 def test_gradient_verdicts_and_table1(report):
@@ -258,12 +267,17 @@ def test_gradient_verdicts_and_table1(report):
     assert t1.loc[("k1", "reward"), "id_rank_detail"] == "0.600 @β=0.05"
 
 
+def squash(text: str) -> str:
+    """A pipe table with tabulate's column padding removed: `| tiny    | k1 |` -> `| tiny | k1 |`."""
+    return re.sub(r" {2,}", " ", text)
+
+
 def test_markdown(report, sweep):
     rep, _ = report
-    md = markdown(rep, [sweep])
+    md = squash(markdown(rep, [sweep]))
     assert "| tiny | k1 | reward | 0.1 | 0.540 ± 0.099 | 0.720 ± 0.050 |" in md
     assert "| tiny | k3 | loss | 0.1 | 0.480 ± 0.060† |" in md
-    assert "1 completed, 1 failed, 1 running |" in md
+    assert "1 running, 1 completed, 1 failed |" in md
     k3_reward = rep.rows.set_index(["estimator", "placement"]).loc[("k3", "reward"), "gradient"]
     assert f"| k3 | reward | {k3_reward} | collapsed (eval, reward) 2/2 | 6 (0.000 @β=0.1) |" in md
     assert "- failed: `" in md and "RuntimeError: CUDA out of memory" in md
@@ -271,7 +285,8 @@ def test_markdown(report, sweep):
     assert "- running: `" in md and "(step 7/40)" in md
     assert "- pending: `" in md and "estimator=k2" in md
     assert "no readable config (not in the table): `" in md
-    assert "16 runs: 10 completed, 1 diverged, 1 failed, 1 running, 2 pending, 1 unknown." in md
+    assert "16 runs: 2 pending, 1 running, 10 completed, 1 diverged, 1 failed, 1 unreadable." in md
+    assert "- unreadable: `" in md and "(unreadable summary.json: JSONDecodeError" in md
 
 
 def test_files_written(report, tmp_path):
@@ -288,9 +303,11 @@ def test_files_written(report, tmp_path):
     assert tex.count(r"\begin{tabular}") == 2 and r"\toprule" in tex and r"0.540 $\pm$ 0.099" in tex
     assert "reward[togo]" in tex and "β" not in tex and "±" not in tex and "†" not in tex
     assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]  # no temporary files left
-    pngs = write_plots(rep, tmp_path / "plots")
-    assert [p.name for p in pngs] == ["curves_tiny.png"]
-    assert pngs[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and pngs[0].stat().st_size > 20_000
+    figs = write_plots(rep, tmp_path / "plots")
+    assert [p.name for p in figs] == ["curves_tiny.png", "curves_tiny.pdf"]  # a vector twin beside every PNG
+    assert figs[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and figs[0].stat().st_size > 20_000
+    assert figs[1].read_bytes()[:5] == b"%PDF-"
+    assert not [p for p in (tmp_path / "plots").iterdir() if p.name.startswith(".")]
 
 
 def test_latex_escapes():
@@ -298,6 +315,106 @@ def test_latex_escapes():
 
     assert latex_escape("a_b & 50% {x} #1 $") == r"a\_b \& 50\% \{x\} \#1 \$"
     assert latex_escape("0.5 ± 0.1†, β=0.1") == r"0.5 $\pm$ 0.1$^\dagger$, $\beta$=0.1"
+    # through pandas' Styler: headers, cells and the caption escaped alike, booktabs rules
+    df = pd.DataFrame({"a_b & 50%": ["{x} #1 $", "0.5 ± 0.1†"], "β": ["k1/reward[togo]", "x|y"]})
+    tex = latex_table(df, "rule: window_10 & more", "tab:x")
+    assert r"a\_b \& 50\% & $\beta$ \\" in tex and r"\{x\} \#1 \$ & k1/reward[togo] \\" in tex
+    assert r"0.5 $\pm$ 0.1$^\dagger$ & x|y \\" in tex and r"\caption{rule: window\_10 \& more}" in tex
+    assert [line for line in tex.splitlines() if line.endswith("rule")] == [r"\toprule", r"\midrule", r"\bottomrule"]
+    assert r"\begin{tabular}{ll}" in tex and r"\label{tab:x}" in tex and r"\small" in tex
+
+
+def test_markdown_cells_are_kept_as_text():
+    from klrl.runs.table.render import md_table
+
+    md = md_table(pd.DataFrame({"β": ["0.10", "1e-3"], "x|y": ["a|b", "two\nlines"]}))
+    lines = [squash(line) for line in md.splitlines()]
+    assert lines[0] == r"| β | x\|y |" and lines[2] == r"| 0.10 | a\|b |" and lines[3] == "| 1e-3 | two lines |"
+
+
+# --- figures ------------------------------------------------------------------------------------------------------
+
+
+def lines_by_label(fig) -> dict:
+    """{label: data line} of a figure's labelled lines and error-bar plots."""
+    out = {line.get_label(): line for ax in fig.axes for line in ax.get_lines() if not line.get_label().startswith("_")}
+    out.update({c.get_label(): c.lines[0] for ax in fig.axes for c in ax.containers if hasattr(c, "has_xerr")})
+    return out
+
+
+def synthetic_sweep(names: list[str]) -> dict:
+    """A `length_sweep` result of the given configurations, as `klrl audit --plot` receives it."""
+    return {"vocab": 2, "lengths": [1, 2], "seeds": [0, 1], "group_size": 2, "baseline": "rloo",
+            "configs": {n: {"rel_err": [0.5 + i, 0.6 + i], "rel_err_seeds": [[0.4 + i, 0.6 + i]] * 2,
+                            "var_group": [0.1, 0.2]} for i, n in enumerate(names)}}
+
+
+def test_one_style_for_table_and_audit_figures(report):
+    """The same estimator has the same colour and the same placement the same line style in `klrl table --plots`
+    and `klrl audit --plot` (klrl.plotstyle, both spellings of a placement)."""
+    from matplotlib.colors import to_rgb
+
+    from klrl.audit.report import sweep_figure
+
+    rep, _ = report
+    table = lines_by_label(model_figure("tiny", [g for g in rep.groups if g.model == "tiny"], span=3))
+    audit = lines_by_label(sweep_figure(synthetic_sweep(["k1-reward", "k1-loss", "k3-reward", "k3-loss"])))
+    audit.update(lines_by_label(sweep_figure(synthetic_sweep(["k1-reward+togo"]))))  # variants: drawn when alone
+    for table_label, audit_name in (("k1/loss β=0.1", "k1-loss"), ("k3/reward β=0.1", "k3-reward"),
+                                    ("k3/loss β=0.1", "k3-loss"), ("k1/reward[togo] β=0.1", "k1-reward+togo")):
+        t, a = table[table_label], audit[audit_name]
+        assert to_rgb(t.get_color()) == to_rgb(a.get_color()), table_label
+        assert (t.get_linestyle(), t.get_marker()) == (a.get_linestyle(), a.get_marker()), table_label
+    assert to_rgb(audit["k1-loss"].get_color()) == to_rgb(plotstyle.PALETTE["k1"])
+    assert audit["k1-loss"].get_linestyle() == "--" and audit["k1-reward"].get_linestyle() == "-"
+    assert audit["k1-reward+togo"].get_marker() == "^" != audit["k1-reward"].get_marker()
+    # the two betas of k1/reward: the same hue and line style, told apart by shade
+    b05, b10 = table["k1/reward β=0.05"], table["k1/reward β=0.1"]
+    assert b05.get_linestyle() == b10.get_linestyle() and to_rgb(b05.get_color()) != to_rgb(b10.get_color())
+
+
+def test_style_map():
+    assert plotstyle.split_placement("both[togo,reward-is,loss-is]") == ("both", ("togo", "seqIS", "tokIS"))
+    assert plotstyle.split_config("k1-both+togo+seqIS+tokIS") == ("k1", "both+togo+seqIS+tokIS")
+    assert plotstyle.split_placement("both+togo+seqIS+tokIS") == ("both", ("togo", "seqIS", "tokIS"))
+    assert plotstyle.split_placement("reward[is]") == ("reward", ("seqIS",))
+    assert plotstyle.split_placement("loss[is]") == plotstyle.split_placement("loss+tokIS") == ("loss", ("tokIS",))
+    assert plotstyle.style("k3", "loss[is]") == plotstyle.style(*plotstyle.split_config("k3-loss+tokIS"))
+    assert [plotstyle.placement_linestyle(p) for p in ("reward", "loss", "both", "none")] == ["-", "--", ":", "-."]
+    # an estimator the palette does not know: a fallback colour, the same on every call and in every process (crc32)
+    new = plotstyle.estimator_color("k9")
+    assert new in plotstyle.FALLBACK and new == plotstyle.estimator_color("k9")
+    assert new == plotstyle.FALLBACK[__import__("zlib").crc32(b"k9") % len(plotstyle.FALLBACK)]
+    assert len(set(plotstyle.PALETTE.values())) == len(plotstyle.PALETTE)
+    assert plotstyle.ema([1.0, float("nan"), 3.0], 1) == pytest.approx([1.0, float("nan"), 3.0], nan_ok=True)
+    x = np.random.default_rng(0).normal(size=50)
+    assert plotstyle.ema(x, 9) == pytest.approx(pd.Series(x).ewm(span=9).mean().to_numpy())
+
+
+def test_figure_content(report):
+    """Per configuration: its seeds' EMA mean with a t-CI band, evaluation pass@1 curves with CIs, n in the legend."""
+    from klrl.runs.table.render import eval_curves, seed_curves
+
+    rep, _ = report
+    g = next(g for g in rep.groups if (g.estimator, g.placement, g.beta) == ("k1", "reward", 0.1))
+    done = [r for r in g.runs if r.status == "completed"]
+    c, ends = seed_curves(done, "kl/exact", span=1)
+    assert ends == [] and (c["n"] == 3).all() and c["mean"].to_numpy() == pytest.approx(0.02)
+    half = t975(2) * 0.01 / math.sqrt(3)  # kl 0.01 / 0.02 / 0.03
+    assert (c["hi"] - c["mean"]).to_numpy() == pytest.approx(half)
+    ev = eval_curves(done, "eval/id/pass@1")
+    assert list(ev["step"]) == [0, STEPS] and ev["mean"].tolist() == pytest.approx([0.35, 0.54])
+    assert ev["hi"].iloc[1] - 0.54 == pytest.approx(t975(2) * 0.04 / math.sqrt(3))
+    one = eval_curves(done[:1], "eval/id/pass@1")  # a single seed: its own bootstrap CI
+    assert (one["lo"].iloc[1], one["hi"].iloc[1]) == pytest.approx((0.45, 0.55))
+    div = next(g for g in rep.groups if (g.estimator, g.placement) == ("k1", "loss"))
+    c, ends = seed_curves(div.runs, "reward", span=4)
+    assert [x for x, _ in ends] == [14] and c["n"].max() == 2  # the diverged run is drawn to its last step
+    fig = model_figure("tiny", [g for g in rep.groups if g.model == "tiny"], span=4)
+    titles = [ax.get_title() for ax in fig.axes]
+    assert "in-domain pass@1 (evaluation)" in titles and "out-of-domain pass@1 (evaluation)" in titles
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert "EMA, span 4 steps" in legend and "k1/reward β=0.1 (n=4)" in legend and "colour = estimator" in legend
 
 
 def test_damaged_runs_never_crash(tmp_path):
@@ -310,7 +427,7 @@ def test_damaged_runs_never_crash(tmp_path):
     (garbage / "metrics.jsonl").write_bytes(b'\x00\xff{"step":\n[1, 2]\n"text"\n')
     odd = write_run(tmp_path, ["seed=2"], "exploded")
     runs, warnings = load_sweep([tmp_path])
-    assert {r.status for r in runs} == {"completed", "running", "unknown"}
+    assert {r.status for r in runs} == {"completed", "stale", "unknown"}  # "running" without a heartbeat: stale
     assert run_stability(load_run(empty), CollapseRule()).kind == "unknown"
     rep = make_report(runs)
     assert len(rep.rows) == 1 and rep.rows.iloc[0]["runs"] == 3
@@ -325,7 +442,7 @@ def test_missing_runs_from_multirun_yaml(tmp_path):
         {"hydra": {"overrides": {"hydra": ["hydra.mode=MULTIRUN"], "task": ["seed=0,1,2", "beta=0.05", "progress=false"]},
                    "sweeper": {"params": None}}}))
     write_run(tmp_path, ["seed=0", "beta=0.05", "progress=False"], "failed", add_steps=False, error="ValueError: boom")
-    runs, _ = load_sweep([tmp_path])
+    runs, _ = load_sweep([tmp_path], compose=_compose)  # missing runs' configs composed as `klrl table` does
     assert sorted(r.status for r in runs) == ["failed", "missing", "missing"]
     rep = make_report(runs)
     assert len(rep.rows) == 1  # the missing jobs land in the same configuration row
@@ -343,12 +460,12 @@ def test_missing_runs_from_multirun_yaml(tmp_path):
 
 def test_cli(sweep, tmp_path):
     out = run_klrl("table", str(sweep), "--csv", str(tmp_path / "t.csv"), "--latex", str(tmp_path / "t.tex"),
-                   "--plots", str(tmp_path / "plots"), "--window", "5", cwd=tmp_path)
+                   "--plots", str(tmp_path / "plots"), "--window", "5", "--ema", "3", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("## Sweep results") and "## Table 1" in out.stdout
     assert "window=5" in out.stdout
     assert (tmp_path / "t.csv").exists() and (tmp_path / "t.table1.csv").exists() and (tmp_path / "t.tex").exists()
-    assert (tmp_path / "plots" / "curves_tiny.png").exists()
+    assert (tmp_path / "plots" / "curves_tiny.png").exists() and (tmp_path / "plots" / "curves_tiny.pdf").exists()
     assert "warning:" in out.stderr  # the damaged runs are reported, not fatal
 
 
@@ -357,6 +474,7 @@ def test_cli(sweep, tmp_path):
     (["empty"], 1, "no run directories"),
     (["sweep", "--reward-frac", "2"], 2, "--reward-frac"),
     (["sweep", "--window", "0"], 2, "--window"),
+    (["sweep", "--ema", "0"], 2, "--ema"),
 ])
 def test_cli_errors(sweep, tmp_path, capsys, args, code, message):
     from klrl.cli.main import main

@@ -190,7 +190,7 @@ def test_countdown_task():
 
 @pytest.mark.parametrize("overrides, message", [
     (["task.ood_min_numbers=3", "task.ood_max_numbers=4"], "OOD split must differ"),
-    (["task.min_target=0"], "targets range 0..999"),
+    (["task.min_target=0"], "task.min_target=0 is not valid; it must be an integer in 1..1000000000"),
     (["task.eval_seed=-1"], "task.eval_seed=-1"),
 ])
 def test_countdown_bad_values(overrides, message):

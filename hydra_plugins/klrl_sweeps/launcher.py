@@ -6,8 +6,8 @@ What the stock launcher does not do, and this one does:
   - runs whose summary.json already says completed/diverged are not submitted again (`skip_finished`);
   - each submission is recorded in SWEEP_DIR/submissions.jsonl (runs, overrides, job ids) for `klrl status`;
   - `wait: false` submits and returns at once, printing the sweep dir and the job ids;
-  - when waiting, it waits for EVERY job and prints a table of every run's status, then exits 1 if any run did not
-    finish (the stock launcher raises the first failure it meets and drops the rest).
+  - when waiting, it reports each run as it ends, then prints a table of every run's status and exits 1 if any run
+    did not finish (with the stock launcher, Hydra raises the first failed run's error, with no per-run report).
 Two grid points that would write to the same run directory are refused before anything is submitted.
 """
 

@@ -116,29 +116,19 @@ def batch_gradients(sampler: Sampler, specs: dict, pg: PGSpec, proj: Tensor | No
     return out
 
 
-def f_sf(f: float, d1: int, d2: int) -> float:
-    """P(F > f) for F ~ F(d1, d2) with d1 even: I_x(d2/2, d1/2), x = d2/(d2 + d1 f), in closed form because the
-    second beta parameter is an integer (the negative-binomial sum)."""
-    if d1 % 2:
-        raise ValueError("d1 must be even")
-    if f <= 0:
-        return 1.0
-    a, x = d2 / 2, d2 / (d2 + d1 * f)
-    total, log_term = 0.0, a * math.log(x)
-    for j in range(d1 // 2):
-        if j:
-            log_term += math.log((a + j - 1) / j) + math.log1p(-x)
-        total += math.exp(log_term)
-    return min(1.0, total)
-
-
 def hotelling(d: Tensor, mu0: Tensor | None = None) -> tuple[float, float]:
-    """One-sample Hotelling T^2 of H0: E[d] = mu0 on n x k samples -> (T^2, p-value); k must be even."""
+    """One-sample Hotelling T^2 of H0: E[d] = mu0 on n x k samples (any k >= 1, n > k) -> (T^2, p-value), the
+    p-value from F = (n-k)/(k(n-1)) T^2 ~ F(k, n-k) (scipy's F survival function). With k = 1 it is the two-sided
+    one-sample t-test."""
+    from scipy.stats import f as f_dist
+
     n, k = d.shape
+    if n <= k:
+        raise ValueError(f"Hotelling's T^2 needs more samples than dimensions (n={n}, k={k})")
     diff = d.mean(0) - (mu0 if mu0 is not None else 0)
     cov = torch.cov(d.T).reshape(k, k)
     t2 = float(n * diff @ torch.linalg.solve(cov, diff))
-    return t2, f_sf((n - k) / (k * (n - 1)) * t2, k, n - k)
+    return t2, float(f_dist.sf((n - k) / (k * (n - 1)) * t2, k, n - k))
 
 
 def mean_ci(x: Tensor, z: float = 1.96) -> tuple[float, float]:
@@ -164,7 +154,10 @@ def ratio_ci(x: Tensor, y: Tensor, z: float = 1.96) -> tuple[float, float]:
 
 def mc_audit(sampler: Sampler, specs: dict, pg: PGSpec, n_batches: int, n_pilot: int, reference: str = "k1-reward",
              k: int = 4, seed: int = 0, alpha: float = 0.05, progress=None) -> dict:
-    """The test described in the module docstring. Returns {"reference", "pilot_norm", "configs": {name: ...}}."""
+    """The test described in the module docstring, on a k-dimensional projection (any k >= 1; k < n_batches).
+    Returns {"reference", "pilot_norm", "configs": {name: ...}}."""
+    if not 1 <= k < n_batches:
+        raise ValueError(f"the projection needs 1 <= k < n_batches (k={k}, n_batches={n_batches})")
     ref_spec = {reference: specs[reference]}
     pilot = sum(batch_gradients(sampler, ref_spec, pg)[reference].double().cpu() for _ in range(n_pilot)) / n_pilot
     basis = projection_basis(pilot / pilot.norm(), k, seed)

@@ -109,29 +109,100 @@ def write_json(path: str | Path, result: dict) -> None:
     Path(path).write_text(json.dumps(_clean({"schema": SCHEMA, **result}), indent=1) + "\n")
 
 
-def write_plot(path: str | Path, sweep: dict) -> None:
-    import matplotlib
+def _spread(row: dict, key: str, floor: float):
+    """(means, errors) of a sweep key against T, every value at least `floor` (for a log axis). errors: [2, T], down
+    to the smallest and up to the largest seed's value; None when the sweep has fewer than two seeds' values."""
+    import numpy as np
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    y = np.maximum(np.array([np.nan if v is None else v for v in row[key]], dtype=float), floor)
+    seeds = row.get(f"{key}_seeds")
+    if not seeds:
+        return y, None
+    per = np.maximum(np.array([[np.nan if v is None else v for v in s] for s in seeds], dtype=float), floor)
+    if per.shape[1] < 2 or np.isnan(per).all():
+        return y, None
+    return y, np.vstack([y - np.nanmin(per, axis=1), np.nanmax(per, axis=1) - y]).clip(min=0)
 
-    Ts = sweep["lengths"]
-    names = headline(sweep["configs"]) or list(sweep["configs"])[:8]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for i, n in enumerate(names):
+
+def coincident(sweep: dict, names: list[str], keys=("rel_err", "var_group")) -> list[list[str]]:
+    """Groups of configurations whose plotted numbers agree to 9 digits at every T (k1+-reward and k1-reward, ...):
+    their lines lie on top of each other, so the figure says so. Those at round-off are left to its note."""
+    from klrl import plotstyle
+
+    groups: dict = {}
+    for n in names:
         row = sweep["configs"][n]
-        style = {"color": f"C{i}", "marker": "os^vDPX*"[i % 8], "ls": "-" if n.startswith("k1") else "--"}
-        axes[0].plot(Ts, row["rel_err"], label=n, **style)
-        axes[1].plot(Ts, [max(v, 1e-300) for v in row["var_group"]], label=n, **style)
-    axes[0].set(xlabel="response length T", ylabel="|E[g] - grad KL| / |grad KL|", title="bias (exact)")
-    axes[1].set(xlabel="response length T", ylabel="tr Cov[g], one group", title="variance (exact)", yscale="log")
-    axes[0].legend(fontsize=8)
-    fig.suptitle(f"KL gradient estimators on a tabular policy, V={sweep['vocab']}, G={sweep.get('group_size', '?')}, "
-                 f"baseline {sweep.get('baseline', '?')}")
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+        if all(v is not None and v < plotstyle.ROUNDOFF for v in row["rel_err"]):
+            continue
+        sig = tuple(None if v is None else float(f"{v:.9g}") for k in keys for v in row[k])
+        groups.setdefault(sig, []).append(n)
+    return [g for g in groups.values() if len(g) > 1]
+
+
+def _sweep_lines(axes, sweep: dict, names: list[str], key: str) -> tuple[list[str], list[float]]:
+    """On each of `axes` (log y): one line per configuration in plotstyle's encoding (colour = estimator, line
+    style = placement) with min-max error bars over the seeds. Returns the configurations at float round-off at every
+    T (drawn without error bars) and every value the others reach (means and error-bar ends)."""
+    import numpy as np
+
+    from klrl import plotstyle
+
+    at_roundoff, reach = [], []
+    for n in names:
+        y, err = _spread(sweep["configs"][n], key, plotstyle.FLOOR)
+        if bool((y[np.isfinite(y)] < plotstyle.ROUNDOFF).all()):
+            at_roundoff.append(n)
+            err = None  # seed-to-seed differences of round-off say nothing
+        reach += list(y) + ([] if err is None else list(y - err[0]) + list(y + err[1]))
+        for ax in axes:
+            ax.errorbar(sweep["lengths"], y, yerr=err, capsize=2.5, elinewidth=0.8, lw=1.4, ms=5, label=n,
+                        **plotstyle.style(*plotstyle.split_config(n)))
+    for ax in axes:
+        ax.set_yscale("log")
+        ax.set_xticks(sweep["lengths"])
+    axes[-1].set_xlabel("response length T")
+    return at_roundoff, reach
+
+
+def write_plot(path: str | Path, sweep: dict) -> list[Path]:
+    """`sweep_figure` at `path` (PNG) and its vector twin (PDF) beside it. Returns the paths written."""
+    from klrl import plotstyle
+
+    return plotstyle.save(sweep_figure(sweep), path)
+
+
+def sweep_figure(sweep: dict):
+    """The length sweep (the paper's Fig. 2): relative bias (left, a log axis broken between the biased
+    configurations and those at float round-off) and variance (right, log) against T, in klrl.plotstyle's encoding,
+    with min-max error bars over the sweep's seeds."""
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    from klrl import plotstyle
+
+    names = headline(sweep["configs"]) or list(sweep["configs"])[:8]
+    n_seeds = len(sweep.get("seeds") or []) or "?"
+    fig, ax = plotstyle.new_mosaic([["bias", "var"], ["zero", "var"]], (12, 6.6), height_ratios=[4, 1])
+    flat, reach = _sweep_lines([ax["bias"], ax["zero"]], sweep, names, "rel_err")
+    note = f"at float64 round-off: unbiased ({', '.join(flat)})" if flat else "no configuration is unbiased"
+    plotstyle.roundoff_split(ax["bias"], ax["zero"], reach, note)
+    ax["bias"].set(ylabel=r"relative bias $\|E[g]-\nabla KL\|\,/\,\|\nabla KL\|$", title="bias (exact)")
+    _sweep_lines([ax["var"]], sweep, names, "var_group")
+    ax["var"].set(ylabel=r"variance tr Cov$[g]$, one group", title="variance (exact)")
+    bar = f"error bar: min-max over {n_seeds} seeds" if n_seeds != 1 else "one seed: no error bars"
+    marks = [(Line2D([], [], color="0.2", marker="|", ms=10, ls="none"), bar),
+             (Patch(color="0.92", lw=0), f"round-off (< {plotstyle.ROUNDOFF:.0e}; 0 drawn at {plotstyle.FLOOR:.0e})")]
+    extra = [("marks", marks)]
+    same = [(Line2D([], [], ls="none"), " = ".join(g)) for g in coincident(sweep, names)]
+    if same:
+        extra.append(("same numbers (lines overlap)", same))
+    split = [plotstyle.split_config(n) for n in names]
+    plotstyle.sectioned_legend(fig, plotstyle.key_entries([e for e, _ in split], [p for _, p in split], extra))
+    fig.suptitle(f"KL gradient estimators against response length T: tabular policy, V={sweep['vocab']}, "
+                 f"G={sweep.get('group_size', '?')}, baseline {sweep.get('baseline', '?')}, on-policy; "
+                 + ("one random" if n_seeds == 1 else f"mean over {n_seeds} random")
+                 + r" $(\pi_{ref}, \pi)$ pair" + "s" * (n_seeds != 1), fontsize="medium")
+    return fig
 
 
 def preset_table(presets: dict) -> str:

@@ -96,13 +96,16 @@ def audit_policy(kind: str, vocab: int, length: int, G: int, pg: PGSpec | str, d
 def length_sweep(vocab: int, lengths: list[int], G: int, pg: PGSpec | str, distance: float, seeds: list[int],
                  configs: list[AuditConfig], sampling: Sampling = Sampling(), eos: bool = False) -> dict:
     """Bias and variance against T on tabular policies (the analogue of the paper's Fig. 2), on-policy, each number
-    averaged over one random (pi_ref, pi) pair per seed.
+    averaged over one random (pi_ref, pi) pair per seed. Beside each key's means (one per T), `<key>_std` holds the
+    standard deviation across seeds (ddof 1; None for one seed) and `<key>_seeds` the per-seed values.
 
     Means here come from the chain-rule route of `exact.moments`, which the main tables check against
     toy.expected_gradient (`mean_check`), because it is several times faster."""
+    import statistics
+
     keys = ("rel_err", "bias_norm", "cos_rev", "var_single", "var_group")
     out: dict = {"vocab": vocab, "lengths": lengths, "seeds": seeds, "kl_pi_ref": [], "rev_norm": [],
-                 "configs": {c.name: {k: [] for k in keys} for c in configs}}
+                 "configs": {c.name: {f"{k}{s}": [] for k in keys for s in ("", "_std", "_seeds")} for c in configs}}
     for T in lengths:
         pgT = _as_pg(pg, T)
         acc: dict = {c.name: {k: [] for k in keys} for c in configs}
@@ -129,7 +132,10 @@ def length_sweep(vocab: int, lengths: list[int], G: int, pg: PGSpec | str, dista
         out["kl_pi_ref"].append(sum(kls) / len(kls))
         out["rev_norm"].append(sum(norms) / len(norms))
         for name, row in acc.items():
+            summary = out["configs"][name]
             for k in keys:
                 vals = [v for v in row[k] if v is not None]
-                out["configs"][name][k].append(sum(vals) / len(vals) if vals else None)
+                summary[k].append(sum(vals) / len(vals) if vals else None)
+                summary[f"{k}_std"].append(statistics.stdev(vals) if len(vals) > 1 else None)
+                summary[f"{k}_seeds"].append(list(row[k]) or [None] * len(seeds))
     return out

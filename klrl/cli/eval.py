@@ -42,7 +42,7 @@ def load_run_config(run_dir: Path):
 
     from klrl.config.schema import TrainConfig
     from klrl.models.registry import SOURCES
-    from klrl.runs.rundir import RunDir
+    from klrl.runs.rundir import CONFIG, RunDir
     from klrl.tasks import TASKS
 
     run = RunDir(run_dir)
@@ -51,7 +51,7 @@ def load_run_config(run_dir: Path):
     except ValueError as e:
         raise ConfigError(f"{run_dir}: {e}") from None
     if stored is None:
-        raise ConfigError(f"{run_dir} is not a run directory: it has no .hydra/config.yaml")
+        raise ConfigError(f"{run_dir} is not a run directory: {run.file(CONFIG)} is missing")
     try:
         schema = OmegaConf.structured(TrainConfig)
         schema.model = OmegaConf.structured(SOURCES[stored["model"]["source"]].schema)
@@ -92,9 +92,10 @@ def evaluate_run(args: argparse.Namespace) -> dict:
     settle(cfg, args)
     run = RunDir(args.run_dir)
     loaded = checkpoint.load(run)
+    if loaded.state is None and not loaded.skipped:
+        raise ConfigError(f"{args.run_dir} holds no checkpoint.pt to evaluate")
     if loaded.state is None:
-        raise ConfigError(f"{args.run_dir} holds no readable checkpoint to evaluate"
-                          + (f" ({'; '.join(loaded.skipped)})" if loaded.skipped else ""))
+        raise ConfigError(f"{args.run_dir} holds no readable checkpoint ({'; '.join(loaded.skipped)})")
     torch.manual_seed(cfg.seed)
     task = TASKS[cfg.task.name](cfg.task, cfg.seed)
     available = task.eval_splits()

@@ -1,8 +1,8 @@
 """`klrl sweep NAME`: launch a named grid (sweeps/NAME.yaml, see klrl.runs.sweep) as one job array.
 
 It expands the grid, composes and validates every point (the same one-line errors as `klrl train`), then runs the
-Hydra app in multirun mode with klrl's grid sweeper (which performs the same expansion) and `resume=auto`, so
-submitting the same command again continues unfinished runs and skips finished ones.
+Hydra app in multirun mode with klrl's grid sweeper (which performs the same expansion); every run has the
+default `resume=auto`, so submitting the same command again continues unfinished runs and skips finished ones.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from klrl.runs.sweep import SWEEP_ROOT, Grid, _key, available, expand, load_grid
 USAGE = """usage: klrl sweep NAME|FILE.yaml [--no-wait] [--list] [OVERRIDE ...]
 
 Launch the grid in sweeps/NAME.yaml (or FILE.yaml) as ONE job array. Sweep dir: outputs/sweeps/NAME (change
-with hydra.sweep.dir=...). Every run gets resume=true: running the same command again skips finished runs and
-resumes the others from their checkpoints.
+with hydra.sweep.dir=...). Running the same command again skips finished runs and resumes the others from their
+checkpoints (resume=auto, the default).
 
   --no-wait   submit, print the sweep dir and the job ids, and return (watch with `klrl status SWEEP_DIR`)
   --list      print the runs the grid expands to, and exit
@@ -93,7 +93,7 @@ def hydra_argv(grid: Grid, user_overrides: list[str], wait: bool) -> tuple[list[
         hydra_args.append(f"hydra.sweep.dir={(Path.cwd() / SWEEP_ROOT / grid.name)}")
     if not wait:
         hydra_args.append("hydra.launcher.wait=false")
-    return [*hydra_args, *file_hydra, *user_hydra], ["resume=auto", *file_task, *user_task]
+    return [*hydra_args, *file_hydra, *user_hydra], [*file_task, *user_task]
 
 
 def main(args: list[str]) -> None:

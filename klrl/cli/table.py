@@ -49,7 +49,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--csv", type=Path, metavar="PATH",
                    help="the table as CSV; Table 1 goes to PATH's stem + .table1.csv")
     p.add_argument("--latex", type=Path, metavar="PATH", help="both tables as LaTeX tabulars (booktabs)")
-    p.add_argument("--plots", type=Path, metavar="DIR", help="training curves, one PNG per model")
+    p.add_argument("--plots", type=Path, metavar="DIR",
+                   help="figures, one per model: training curves and pass@1 evaluations, PNG and PDF")
+    p.add_argument("--ema", type=_positive_int, metavar="STEPS",
+                   help="--plots: span of the moving average drawn over the raw curves (default: about 1/20 of the "
+                        "run, at most 50; 1 = no smoothing)")
     g = p.add_argument_group("collapse rule (see `klrl.runs.table.aggregate` / docs/table.md)")
     g.add_argument("--window", type=_positive_int, default=d.window, help=f"trailing-mean steps (default {d.window})")
     g.add_argument("--reward-frac", type=_fraction, default=d.reward_frac,
@@ -87,5 +91,5 @@ def main(argv: list[str] | None = None) -> None:
         render.write_latex(report, args.latex)
         print(f"klrl table: wrote {args.latex}", file=sys.stderr)
     if args.plots:
-        for path in render.write_plots(report, args.plots):
+        for path in render.write_plots(report, args.plots, span=args.ema):
             print(f"klrl table: wrote {path}", file=sys.stderr)

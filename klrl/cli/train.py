@@ -85,11 +85,16 @@ def choose_run_dir(args: list[str], cfg: DictConfig) -> list[str]:
     task = [o for o in overrides if not o.lstrip("+~").startswith("hydra")]
     root = Path(str(cfg.hydra.run.dir)).parent  # outputs/runs/<date>
     path = make_dirs(root / f"{time.strftime('%H-%M-%S')}_{run_name(task)}", exist_ok=False)
-    return [*args, f"hydra.run.dir={path}"]
+    quoted = str(path).replace("\\", "\\\\").replace("'", "\\'")
+    return [*args, f"hydra.run.dir='{quoted}'"]  # quoted: a default name holds '=' and ','
+
 
 
 def remove_created() -> None:
-    """A run refused after its directory was made leaves nothing behind: only what this process created goes."""
+    """A run refused after its directory was made leaves nothing behind: only what this process created goes, and
+    never a run that started (its .hydra/config.yaml is written once the run has passed its checks)."""
+    if CREATED and (CREATED[-1] / ".hydra" / "config.yaml").exists():
+        return
     for path in reversed(CREATED):
         if path == CREATED[-1] and path.is_dir():
             shutil.rmtree(path, ignore_errors=True)
@@ -113,7 +118,12 @@ def main(args: list[str]) -> None:
     except ConfigError as e:
         fail(str(e))
     sys.argv = ["klrl train", *args]
-    train_main()
+    try:
+        train_main()
+    except SystemExit as e:  # Hydra's own refusals exit too: leave nothing behind
+        if e.code not in (0, None):
+            remove_created()
+        raise
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")

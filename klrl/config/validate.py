@@ -41,9 +41,12 @@ def _unknown(key: str, known: list[str]) -> ConfigError:
     return ConfigError(f"unknown key {key!r}; {hint}")
 
 
-def check_fields(node: DictConfig, root: DictConfig, prefix: str = "") -> None:
-    """Walk a structured node: refuse keys its schema lacks, check every declared constraint, recurse, then run
-    the schema's `check(node, root)` hook (model sources and tasks know things the schema cannot say)."""
+def check_fields(node: DictConfig, root: DictConfig, prefix: str = "", hooks: list | None = None) -> None:
+    """Walk a structured node: refuse keys its schema lacks, check every declared constraint, recurse, and note
+    each schema's `check(node, root)` hook (model sources and tasks know things the schema cannot say), which
+    run once every field has passed."""
+    top = hooks is None
+    hooks = [] if top else hooks
     schema = OmegaConf.get_type(node)
     if not dataclasses.is_dataclass(schema):
         return
@@ -59,7 +62,7 @@ def check_fields(node: DictConfig, root: DictConfig, prefix: str = "") -> None:
         except OmegaConfBaseException as e:  # a broken interpolation, a missing mandatory value
             raise ConfigError(f"{full}: {str(e).splitlines()[0]}") from None
         if isinstance(value, DictConfig):
-            check_fields(value, root, f"{full}.")
+            check_fields(value, root, f"{full}.", hooks)
             continue
         if value is None or OmegaConf.is_missing(node, key):
             continue
@@ -69,7 +72,10 @@ def check_fields(node: DictConfig, root: DictConfig, prefix: str = "") -> None:
                 raise _refuse(full, plain, constraint)
     hook: Callable | None = getattr(schema, "check", None)
     if hook is not None:
-        hook(node, root)
+        hooks.append((hook, node))
+    if top:
+        for hook, part in reversed(hooks):  # the task's data before the model's weights, as a run would need them
+            hook(part, root)
 
 
 # --- rules that tie fields together (each raises one line, or passes) ---------------------------------------------

@@ -128,6 +128,63 @@ def aggregate(per_token: Tensor, mask: Tensor, agg: str, token_norm: float | Ten
     return per_seq.mean(), per_seq
 
 
+class KLTerms(NamedTuple):
+    rewards: Tensor  # [B] task rewards minus the seqsum penalty (what the baseline sees)
+    token_shift: Tensor  # [B, T] the reward-to-go penalty, subtracted from the advantages after the baseline
+    extra: Tensor  # [B, T] loss terms added beside the policy gradient (in-loss KL, sequence-weighted penalty)
+    stats: dict
+
+
+def kl_terms(logp: Tensor, ref_logp: Tensor, real: Tensor, log_rho: Tensor, ratio: Tensor, rewards: Tensor,
+             group_size: int, kl: KLSpec) -> KLTerms:
+    """Where the KL enters the loss: the reward (seqsum / togo / sequence-weighted), the loss, or both."""
+    zero = torch.zeros_like(logp)
+    out = KLTerms(rewards, zero, zero, {})
+    if kl.estimator is None:
+        return out
+    delta = torch.where(real, logp - ref_logp, zero)
+    k = torch.where(real, kl_values(delta, kl.estimator, kl.clamp_log_ratio, kl.clamp_value), zero)
+    extra, stats = zero, {}
+    if kl.in_reward:
+        penalty = kl.beta * k.detach()
+        if kl.reward_is_weight:
+            seq_pen = penalty.sum(-1).view(-1, group_size)
+            loo = (seq_pen.sum(-1, keepdim=True) - seq_pen) / (group_size - 1)
+            w = torch.exp(log_rho.sum(-1)).detach()
+            extra = extra + (w * (seq_pen - loo).reshape(-1))[:, None] * logp
+            stats["is/seq_weight_mean"] = w.mean()
+        elif kl.reward_form == "seqsum":
+            out = out._replace(rewards=rewards - penalty.sum(-1))
+        else:
+            out = out._replace(token_shift=reward_to_go(penalty))
+        stats["kl/reward_penalty"] = penalty.sum(-1).mean()
+    if kl.in_loss:
+        kl_tok = kl.beta * (ratio if kl.loss_is_weight else 1.0) * k
+        extra = extra + kl_tok
+        stats["loss/kl"] = (kl_tok * real).sum(-1).mean().detach()
+    return out._replace(extra=extra, stats=stats)
+
+
+@torch.no_grad()
+def diagnostics(pg_tok: Tensor, adv: Tensor, ratio: Tensor, log_rho: Tensor, mask: Tensor, pg: PGSpec) -> dict:
+    n = mask.sum().clamp(min=1)
+    stats = {
+        "loss/pg": (pg_tok * mask).sum(-1).mean(),
+        "adv/mean": adv.mean(),
+        "adv/std": adv.std() if adv.numel() > 1 else torch.zeros(()),
+        "ratio/mean": (ratio * mask).sum() / n,
+        "ratio/max": (ratio * mask + (mask - 1) * 1e9).max() if mask.any() else torch.ones(()),
+    }
+    seq_w = torch.exp(log_rho.sum(-1))
+    stats["is/ess"] = seq_w.sum() ** 2 / (seq_w.numel() * (seq_w**2).sum()).clamp(min=1e-30)  # 1 = on-policy
+    if pg.ratio_clip is not None:
+        clipped = (ratio - ratio.clamp(1 - pg.ratio_clip, 1 + pg.ratio_clip)).abs() > 0
+        stats["ratio/clip_frac"] = (clipped * mask).sum() / n
+    elif pg.is_truncate is not None:
+        stats["ratio/clip_frac"] = ((ratio > pg.is_truncate) * mask).sum() / n
+    return stats
+
+
 def policy_loss(
     logp: Tensor,
     old_logp: Tensor,
@@ -159,57 +216,14 @@ def policy_loss(
                       pi/pi_old differentiable (DeepSeek-V3.2); on-policy rho * k3 has the gradient of k2.
     """
     real = mask > 0
-    mask = mask.to(logp.dtype)
     zero = torch.zeros_like(logp)
-    stats: dict[str, Tensor] = {}
     # Padding is masked *before* anything nonlinear: whatever log-probs it holds, exp or k3 of them never make a
     # NaN (inf * 0) that the mask would then have to hide.
     log_rho = torch.where(real, logp - old_logp, zero)
     ratio = torch.exp(log_rho)
-    adv_rewards = rewards
-    token_shift = torch.zeros_like(logp)
-    extra = torch.zeros_like(logp)
-
-    if kl.estimator is not None:
-        delta = torch.where(real, logp - ref_logp, zero)
-        k = torch.where(real, kl_values(delta, kl.estimator, kl.clamp_log_ratio, kl.clamp_value), zero)
-        if kl.in_reward:
-            penalty = kl.beta * k.detach()
-            if kl.reward_is_weight:
-                seq_pen = penalty.sum(-1).view(-1, group_size)
-                loo = (seq_pen.sum(-1, keepdim=True) - seq_pen) / (group_size - 1)
-                w = torch.exp(log_rho.sum(-1)).detach()
-                coef = w * (seq_pen - loo).reshape(-1)
-                extra = extra + coef[:, None] * logp
-                stats["is/seq_weight_mean"] = w.mean()
-            elif kl.reward_form == "seqsum":
-                adv_rewards = rewards - penalty.sum(-1)
-            else:
-                token_shift = reward_to_go(penalty)
-            stats["kl/reward_penalty"] = penalty.sum(-1).mean()
-        if kl.in_loss:
-            weight = ratio if kl.loss_is_weight else 1.0
-            kl_tok = kl.beta * weight * k
-            extra = extra + kl_tok
-            stats["loss/kl"] = (kl_tok * mask).sum(-1).mean().detach()
-
-    adv = group_advantages(adv_rewards, group_size, pg.baseline)
-    adv_tok = adv[:, None] - token_shift
-    pg_tok = pg_term(ratio, adv_tok, pg)
-    loss, per_seq = aggregate(pg_tok + extra, mask, pg.agg, token_norm, pg.agg_norm)
-
-    with torch.no_grad():
-        n = mask.sum().clamp(min=1)
-        stats["loss/pg"] = (pg_tok * mask).sum(-1).mean()
-        stats["adv/mean"] = adv.mean()
-        stats["adv/std"] = adv.std() if adv.numel() > 1 else torch.zeros(())
-        stats["ratio/mean"] = (ratio * mask).sum() / n
-        stats["ratio/max"] = (ratio * mask + (mask - 1) * 1e9).max() if mask.any() else torch.ones(())
-        seq_w = torch.exp(log_rho.sum(-1))
-        stats["is/ess"] = seq_w.sum() ** 2 / (seq_w.numel() * (seq_w**2).sum()).clamp(min=1e-30)  # 1 = on-policy
-        if pg.ratio_clip is not None:
-            clipped = (ratio - ratio.clamp(1 - pg.ratio_clip, 1 + pg.ratio_clip)).abs() > 0
-            stats["ratio/clip_frac"] = (clipped * mask).sum() / n
-        elif pg.is_truncate is not None:
-            stats["ratio/clip_frac"] = ((ratio > pg.is_truncate) * mask).sum() / n
+    kl_part = kl_terms(logp, ref_logp, real, log_rho, ratio, rewards, group_size, kl)
+    adv = group_advantages(kl_part.rewards, group_size, pg.baseline)
+    pg_tok = pg_term(ratio, adv[:, None] - kl_part.token_shift, pg)
+    loss, per_seq = aggregate(pg_tok + kl_part.extra, mask, pg.agg, token_norm, pg.agg_norm)
+    stats = {**kl_part.stats, **diagnostics(pg_tok, adv, ratio, log_rho, mask.to(logp.dtype), pg)}
     return LossOut(loss, per_seq, stats)

@@ -47,8 +47,9 @@ def build_once(path: Path, build: Callable[[], None]) -> None:
 
     ranks = dist.is_available() and dist.is_initialized()
     if not path.exists() and (not ranks or dist.get_rank() == 0):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(path) + ".lock"):
+        locks = path.parent.parent / ".locks"  # beside the cache's folders, not in them: they hold only results
+        locks.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(locks / f"{path.parent.name}__{path.name}.lock")):
             if not path.exists():  # another process may have built it while this one waited
                 build()
     if ranks:

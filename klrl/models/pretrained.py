@@ -53,8 +53,12 @@ class PretrainedSource:
     schema = PretrainedModelConfig
 
     @staticmethod
-    def load(cfg: DictConfig, task, task_cfg: DictConfig, cache_dir: Path, dtype):
+    def load(cfg: DictConfig, task, task_cfg: DictConfig, cache_dir: Path, dtype=None):
         from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from klrl.models.dtypes import DTYPES, storage_dtype
+
+        dtype = dtype or DTYPES[storage_dtype(cfg)]
 
         kw = {"revision": cfg.revision} if cfg.revision else {}
         tokenizer = AutoTokenizer.from_pretrained(cfg.hf_id, padding_side="left", **kw)

@@ -13,22 +13,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
 from omegaconf import DictConfig
 
-from klrl.config.schema import DTYPE_NAMES
 from klrl.errors import ConfigError
+from klrl.models.dtypes import DTYPES, storage_dtype
 from klrl.models.pretrained import PretrainedSource
 from klrl.models.smollm2 import SmolLM2Source
 from klrl.models.tiny import TinySource
 
-DTYPES = dict(zip(DTYPE_NAMES, (torch.float32, torch.bfloat16, torch.float16)))
+__all__ = ["DTYPES", "SOURCES", "load_model", "storage_dtype"]
 SOURCES: dict[str, Any] = {"tiny": TinySource, "pretrained": PretrainedSource, "smollm2": SmolLM2Source}
-
-
-def storage_dtype(cfg: DictConfig) -> str:
-    """The dtype the parameters are kept in: the master weights' if set apart, else the compute dtype."""
-    return cfg.get("param_dtype") or cfg.dtype
 
 
 def load_model(cfg: DictConfig, task, task_cfg: DictConfig, cache_dir: str | Path):

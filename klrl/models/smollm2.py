@@ -66,10 +66,14 @@ class SmolLM2ModelConfig(ModelConfig):
 
 class SmolLM2Source:
     schema = SmolLM2ModelConfig
-
+    check = SmolLM2ModelConfig.check
     @staticmethod
-    def load(cfg: DictConfig, task, task_cfg: DictConfig, cache_dir: Path, dtype):
+    def load(cfg: DictConfig, task, task_cfg: DictConfig, cache_dir: Path, dtype=None):
         from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from klrl.models.dtypes import DTYPES, storage_dtype
+
+        dtype = dtype or DTYPES[storage_dtype(cfg)]
 
         from klrl.models.cache import build_once
 

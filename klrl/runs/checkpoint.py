@@ -63,14 +63,14 @@ def _ring_shard(run: RunDir, step: int, rank: int, world: int) -> Path:
 
 
 def save_ring_shard(run: RunDir, step: int, rank: int, world: int, snapshots: list) -> None:
-    """This rank's shard of the lag ring (FSDP), beside the checkpoint of the same step. The last three saves'
-    shards are kept: until rank 0 has replaced checkpoint.pt, the one on disk (and its predecessor) is older."""
+    """This rank's shard of the lag ring (FSDP), beside the checkpoint of the same step. The last two saves' shards
+    are kept: the previous checkpoint (kept until the new one is complete) refers to the older one."""
     import torch
 
     atomic_write(_ring_shard(run, step, rank, world), lambda f: torch.save(snapshots, f), mode="wb")
     mine = sorted(run.path.glob(f"ring-step*-rank{rank}of{world}.pt"),
                   key=lambda p: int(p.name.split("-")[1].removeprefix("step")))
-    for old in mine[:-3]:
+    for old in mine[:-2]:
         old.unlink(missing_ok=True)
 
 

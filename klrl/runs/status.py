@@ -175,14 +175,16 @@ def derive(state: State, sched: str | None, record: dict | None) -> tuple[str, s
         if sched in WAITING:
             return "pending", "requeued" if st != "pending" else ""
         return "running", ""
-    if st in ("failed", "stale", "unreadable"):
+    if st == "failed":
         return st, state.detail
-    if sched is None:
+    if sched is None:  # nothing but the run directory to go by
+        if st in ("stale", "unreadable"):
+            return st, state.detail
         if st == "running":
             return "running", "no scheduler record" if record and record.get("job_id") else ""
-        if st == "pending":
-            return "pending", "no summary yet" if not record else ""
-        return "unknown", state.detail or "no run directory and no scheduler record"
+        if st == "pending" and not (record and record.get("job_id")):
+            return "pending", "no summary yet"
+        return "unknown", state.detail or "no summary and no scheduler record"
     why = job_error(record)
     return "failed", f"job ended ({sched}) without finishing the run" + (f": {why}" if why else "")
 

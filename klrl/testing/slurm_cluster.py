@@ -260,16 +260,22 @@ class LocalSlurmCluster:
 
     # ------------------------------------------------------------------ configs
     def _write_configs(self) -> None:
+        """Pick ports and a DB password, then write slurm.conf, slurmdbd.conf and munged's key."""
         for d in ("etc", "log", "run", "state/ctld", "state/slurmd", "mysql/data"):
             (self.root / d).mkdir(parents=True, exist_ok=True)
         self._ports = dict(zip(("ctld", "slurmd", "dbd", "mysql"), _free_ports(4)))
         self._db_password = secrets.token_hex(16)
+        self.conf.write_text(self._slurm_conf())
+        self._write_slurmdbd_conf()
+        self._prepare_munge()
+
+    def _slurm_conf(self) -> str:
         mem_mib = next(int(line.split()[1]) // 1024 for line in open("/proc/meminfo")
                        if line.startswith("MemTotal:"))
         p, r, munge_sock = self._ports, self.root, self._munge / "munged.sock"
         # No GresTypes and no cgroup plugins (ProctrackType/TaskPlugin below), so
         # slurmd needs neither cgroup.conf nor gres.conf, nor systemd or GPUs.
-        self.conf.write_text(f"""\
+        return f"""\
 ClusterName={self.name}
 SlurmctldHost=localhost
 SlurmctldPort={p['ctld']}
@@ -305,7 +311,9 @@ AccountingStoragePass={munge_sock}
 JobAcctGatherType=jobacct_gather/linux
 NodeName=localhost NodeAddr=127.0.0.1 CPUs={os.cpu_count()} RealMemory={max(1024, mem_mib - 2048)} State=UNKNOWN
 PartitionName={PARTITION} Nodes=localhost Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
-""")
+"""
+
+    def _write_slurmdbd_conf(self) -> None:
         # slurmdbd finds slurmdbd.conf beside $SLURM_CONF and insists on mode 600.
         dbd = self.conf.with_name("slurmdbd.conf")
         fd = os.open(dbd, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -313,19 +321,21 @@ PartitionName={PARTITION} Nodes=localhost Default=YES MaxTime=INFINITE State=UP 
         with os.fdopen(fd, "w") as f:
             f.write(f"""\
 AuthType=auth/munge
-AuthInfo=socket={munge_sock}
+AuthInfo=socket={self._munge / "munged.sock"}
 DbdHost=localhost
-DbdPort={p['dbd']}
+DbdPort={self._ports['dbd']}
 SlurmUser=root
 PidFile={self._daemons['slurmdbd'][1]}
 LogFile={self._daemons['slurmdbd'][2]}
 StorageType=accounting_storage/mysql
 StorageHost=127.0.0.1
-StoragePort={p['mysql']}
+StoragePort={self._ports['mysql']}
 StorageUser=slurm
 StoragePass={self._db_password}
 StorageLoc=slurm_acct_db
 """)
+
+    def _prepare_munge(self) -> None:
         # munged runs as munge, so it owns its directory; checked before any daemon starts.
         self._munge.mkdir(mode=0o755, exist_ok=True)
         shutil.chown(self._munge, "munge", "munge")

@@ -59,9 +59,7 @@ def train(cfg: DictConfig, run_dir: Path | str) -> str:
         logs = make_loggers(cfg, run, start, main)
         stack.callback(logs.close)
         kl, pg = kl_spec(cfg), pg_spec(cfg)
-        if kl.in_reward and pg.baseline == "grpo" and main:
-            log.warning("algo.baseline=grpo with the KL in the reward: the group std rescales the penalty, so its "
-                        "strength depends on the task reward's spread, not only on beta (`klrl audit algo=grpo`)")
+        warn_grpo_reward_kl(kl, pg, main)
         splits = p.task.eval_splits()
 
         def run_eval(step: int) -> dict:
@@ -94,6 +92,12 @@ def train(cfg: DictConfig, run_dir: Path | str) -> str:
                 signalled.hand_over()
                 return "interrupted"
         return finish(run, summary, "completed", cfg.steps, main, final_eval=last_eval)
+
+
+def warn_grpo_reward_kl(kl, pg, main: bool) -> None:
+    if kl.in_reward and pg.baseline == "grpo" and main:
+        log.warning("algo.baseline=grpo with the KL in the reward: the group std rescales the penalty, so its "
+                    "strength depends on the task reward's spread, not only on beta (`klrl audit algo=grpo`)")
 
 
 def checkpoint(cfg, run: RunDir, p: Parts, logs, summary: dict, step: int) -> None:

@@ -194,17 +194,11 @@ def describe_stability(verdicts: list[Stability], steps: bool = True) -> str:
 
 # --- aggregation --------------------------------------------------------------------------------------------------
 
-# Two-sided 95% Student-t critical values t_{0.975, df} for df = 1..30 (standard tables).
-T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
-        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
-
-
 def t975(df: int) -> float:
-    if df <= len(T975):
-        return T975[df - 1]
-    z = 1.959964  # beyond the table, the Cornish-Fisher expansion in 1/df is within 1e-4 of the exact quantile
-    return (z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
-            + (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / (384 * df**3))
+    """The two-sided 95% Student-t critical value t_{0.975, df} (scipy)."""
+    from scipy.stats import t
+
+    return float(t.ppf(0.975, df))
 
 
 def aggregate_eval(runs: list[Run], key: str) -> dict:

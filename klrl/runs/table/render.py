@@ -1,8 +1,8 @@
-"""Rendering a `klrl.runs.table.aggregate.Report`: markdown (stdout), CSV, LaTeX and PNG training curves.
+"""Rendering a `klrl.runs.table.aggregate.Report`: markdown (stdout), CSV, LaTeX and the figures (PNG + PDF).
 
 Every file is written atomically (temporary name, then rename), so a table regenerated while someone reads it is
-never seen half written. Markdown and LaTeX are produced here rather than by pandas, whose renderers need optional
-packages (tabulate, jinja2) that klrl does not depend on.
+never seen half written. Markdown is pandas' `to_markdown` (tabulate), LaTeX pandas' `Styler.to_latex` (jinja2,
+which torch already requires); the figures use klrl.plotstyle, the style `klrl audit --plot` shares.
 """
 
 from __future__ import annotations
@@ -11,17 +11,19 @@ import math
 import re
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
+from klrl import plotstyle
 from klrl.runs.rundir import atomic_write
 from klrl.runs.table.aggregate import Report, _fmt_rank
 from klrl.runs.table.load import STATUSES
 
 EVAL_HEADERS = {"id_pass1": "ID pass@1", "ood_pass1": "OOD pass@1", "id_greedy": "ID greedy",
                 "ood_greedy": "OOD greedy"}
-CURVES = (("reward", "training reward"), ("kl/exact", "KL (exact, per sequence)"), ("entropy", "entropy (per token)"),
-          ("grad_norm", "gradient norm (before clipping)"))
-ATTENTION = ("diverged", "failed", "running", "pending", "missing", "unknown")
+CURVES = (("reward", "training reward"), ("kl/exact", r"KL($\pi\,\|\,\pi_{ref}$), exact, per sequence"),
+          ("entropy", "entropy (per token)"), ("grad_norm", "gradient norm before clipping"))
+ATTENTION = ("diverged", "failed", "stale", "running", "pending", "missing", "unreadable", "unknown")
 LIST_AT_MOST = 10
 
 
@@ -69,12 +71,10 @@ def display_table1(report: Report) -> pd.DataFrame:
 
 
 def md_table(df: pd.DataFrame) -> str:
-    def cell(x) -> str:
-        return str(x).replace("|", "\\|").replace("\n", " ")
-
-    lines = ["| " + " | ".join(map(cell, df.columns)) + " |", "|" + "|".join("---" for _ in df.columns) + "|"]
-    lines += ["| " + " | ".join(cell(x) for x in row) + " |" for row in df.itertuples(index=False)]
-    return "\n".join(lines) + "\n"
+    """A pipe table (pandas' `to_markdown`, i.e. tabulate), cells kept as text; `|` in a cell is escaped."""
+    cells = df.astype(str).map(lambda x: x.replace("|", "\\|").replace("\n", " "))
+    cells.columns = [str(c).replace("|", "\\|") for c in df.columns]
+    return cells.to_markdown(index=False, tablefmt="pipe", disable_numparse=True) + "\n"
 
 
 def _attention(report: Report) -> list[str]:
@@ -88,8 +88,11 @@ def _attention(report: Report) -> list[str]:
                 detail = f"at step {r.diverged_at}" + (f": {s['reason']}" if s.get("reason") else "")
             elif status == "failed":
                 detail = s.get("error") or "no error recorded"
-            elif status == "running":
+            elif status in ("running", "stale"):
                 detail = f"step {s.get('step', '?')}/{s.get('steps', '?')}"
+                detail += ", no live process" if status == "stale" else ""
+            elif r.notes:
+                detail = r.notes[0]
             else:
                 detail = ""
             lines.append(f"- {status}: `{r.name}`" + (f" ({detail})" if detail else ""))
@@ -132,24 +135,30 @@ def write_csv(report: Report, path: Path) -> list[Path]:
     return [path, t1]
 
 
-LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
-                 "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
 LATEX_SYMBOLS = {"±": r"$\pm$", "†": r"$^\dagger$", "—": "--", "–": "--", "β": r"$\beta$", "×": r"$\times$",
                  "…": r"\ldots{}", "§": r"\S{}"}
 
 
+def _symbols(text: str) -> str:
+    """The non-ASCII symbols the tables use, as LaTeX (applied after escaping, so its `$` survive)."""
+    return "".join(LATEX_SYMBOLS.get(c, c) for c in str(text))
+
+
 def latex_escape(text: str) -> str:
-    text = "".join(LATEX_SPECIAL.get(c, c) for c in str(text))
-    return "".join(LATEX_SYMBOLS.get(c, c) for c in text)
+    """Free text (a caption) escaped the way Styler.format(escape="latex") escapes the cells, symbols converted."""
+    from pandas.io.formats.style_render import _escape_latex  # the function escape="latex" applies
+
+    return _symbols(_escape_latex(str(text)))
 
 
 def latex_table(df: pd.DataFrame, caption: str, label: str) -> str:
-    lines = [r"\begin{table}[t]", r"\centering", r"\small", rf"\caption{{{latex_escape(caption)}}}",
-             rf"\label{{{label}}}", r"\begin{tabular}{" + "l" * len(df.columns) + "}", r"\toprule",
-             " & ".join(latex_escape(c) for c in df.columns) + r" \\", r"\midrule"]
-    lines += [" & ".join(latex_escape(x) for x in row) + r" \\" for row in df.itertuples(index=False)]
-    lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}", ""]
-    return "\n".join(lines)
+    """A booktabs `table` float by pandas' Styler.to_latex: cells and headers LaTeX-escaped, symbols converted."""
+    styler = (df.astype(str).style.hide(axis="index")
+              .format(escape="latex", formatter=_symbols)
+              .format_index(escape="latex", formatter=_symbols, axis=1)
+              .set_table_styles([{"selector": "small", "props": ":;"}]))
+    return styler.to_latex(environment="table", position="t", position_float="centering", hrules=True,
+                           column_format="l" * len(df.columns), caption=latex_escape(caption), label=label)
 
 
 def latex(report: Report) -> str:
@@ -165,50 +174,166 @@ def write_latex(report: Report, path: Path) -> None:
     atomic_write(Path(path), lambda f: f.write(latex(report)))
 
 
-def curve_stats(runs, key: str) -> pd.DataFrame:
-    """Per step: mean, min and max of `key` over the runs that logged that step."""
-    parts = [r.train[["step", key]] for r in runs if key in r.train.columns and len(r.train)]
+# "linear", or a number of decades: a log axis (and geometric means) when the logged values span more than that.
+CURVE_SCALES = {"reward": "linear", "kl/exact": 2.0, "entropy": 2.0, "grad_norm": 1.0}
+BOUNDS = {"kl/exact": (0, None), "entropy": (0, None), "eval/id/pass@1": (0, 1), "eval/ood/pass@1": (0, 1)}
+EVAL_CURVES = (("eval/id/pass@1", "in-domain pass@1 (evaluation)"),
+               ("eval/ood/pass@1", "out-of-domain pass@1 (evaluation)"))
+_EMPTY = ("step", "raw", "mean", "lo", "hi", "n")
+
+
+def seed_curves(runs, key: str, span: int, log: bool = False) -> tuple[pd.DataFrame, list[tuple[float, float]]]:
+    """Per step, over the runs that logged `key` there: the raw mean, the mean of each run's EMA (span `span`) with
+    its 95% Student-t CI across runs (NaN where one run), and n; with `log`, all of it on log values (geometric
+    means, a multiplicative CI; values <= 0 left out). Also (step, EMA) of each diverged run's last step."""
+    raw, smooth, ends = {}, {}, []
+    for i, r in enumerate(runs):
+        s = r.train[["step", key]].dropna() if key in r.train.columns else None
+        if s is None or s.empty:
+            continue
+        steps, x = s["step"].to_numpy(), s[key].to_numpy(dtype=float)
+        if log:
+            x = np.log(np.where(x > 0, x, np.nan))
+        raw[i], smooth[i] = pd.Series(x, index=steps), pd.Series(plotstyle.ema(x, span), index=steps)
+        if r.status == "diverged":
+            ends.append((float(steps[-1]), float(smooth[i].iloc[-1])))
+    if not raw:
+        return pd.DataFrame(columns=list(_EMPTY)), ends
+    R, S = pd.DataFrame(raw).sort_index(), pd.DataFrame(smooth).sort_index()
+    n, mean = S.notna().sum(axis=1), S.mean(axis=1)
+    half = plotstyle.t_halfwidth(S.std(axis=1, ddof=1).fillna(0), n)
+    out = pd.DataFrame({"step": S.index, "raw": R.mean(axis=1), "mean": mean, "lo": mean - half, "hi": mean + half,
+                        "n": n}).reset_index(drop=True)
+    if log:
+        out[["raw", "mean", "lo", "hi"]] = np.exp(out[["raw", "mean", "lo", "hi"]].astype(float))
+        ends = [(x, float(np.exp(y))) for x, y in ends]
+    return out, ends
+
+
+def eval_curves(runs, key: str) -> pd.DataFrame:
+    """Per evaluation step: the mean of `key` over the runs evaluated there with its 95% Student-t CI across them;
+    where a single run was, that run's own bootstrap CI (`key`_lo / _hi)."""
+    cols = [key, f"{key}_lo", f"{key}_hi"]
+    parts = [r.evals.reindex(columns=["step", *cols]).dropna(subset=[key]) for r in runs if key in r.evals.columns]
+    parts = [p for p in parts if len(p)]
     if not parts:
-        return pd.DataFrame(columns=["step", "mean", "min", "max", "n"])
-    df = pd.concat(parts).dropna()
-    return df.groupby("step")[key].agg(["mean", "min", "max", "count"]).rename(columns={"count": "n"}).reset_index()
+        return pd.DataFrame(columns=list(_EMPTY))
+    g = pd.concat(parts).astype(float).groupby("step")
+    mean, n = g[key].mean(), g[key].count()
+    half = plotstyle.t_halfwidth(g[key].std(ddof=1).fillna(0), n)
+    one = n == 1
+    lo = (mean - half).where(~one, g[f"{key}_lo"].first())
+    hi = (mean + half).where(~one, g[f"{key}_hi"].first())
+    return pd.DataFrame({"step": mean.index, "mean": mean, "lo": lo, "hi": hi, "n": n}).reset_index(drop=True)
 
 
-def write_plots(report: Report, out_dir: Path) -> list[Path]:
-    """One PNG per model: reward, KL, entropy and gradient-norm curves of each configuration, mean over its runs with
-    a min-max band. Every run with training records is drawn, diverged and running ones too (up to where they are)."""
-    from matplotlib.figure import Figure  # no pyplot: no global state and no display backend needed
+def group_styles(groups) -> list[dict]:
+    """plotstyle's style of each group; groups with the same estimator and placement (several betas, other keys)
+    get successive shades of the estimator's colour."""
+    same: dict = {}
+    for i, g in enumerate(groups):
+        same.setdefault((g.estimator, g.placement), []).append(i)
+    out = [plotstyle.style(g.estimator, g.placement) for g in groups]
+    for members in same.values():
+        for j, i in enumerate(members):
+            out[i]["color"] = plotstyle.shade(out[i]["color"], j, len(members))
+    return out
+
+
+def _band(c: pd.DataFrame, key: str) -> tuple:
+    lo, hi = BOUNDS.get(key, (None, None))
+    return c["lo"].clip(lower=lo, upper=hi), c["hi"].clip(lower=lo, upper=hi)
+
+
+def _train_panel(ax, groups, styles, key: str, span: int) -> None:
+    """One training quantity: a log axis (and geometric means) when its logged values span more than
+    CURVE_SCALES[key] decades (the gradient norm: one), linear otherwise."""
+    values = [v for g in groups for r in g.runs if key in r.train.columns for v in r.train[key].dropna()]
+    log = CURVE_SCALES[key] != "linear" and plotstyle.spans_decades(values, CURVE_SCALES[key])
+    lines, bands = [], []
+    for g, st in zip(groups, styles):
+        c, ends = seed_curves(g.runs, key, span, log=log)
+        if c.empty:
+            continue
+        lo, hi = _band(c, key)
+        plotstyle.draw_curve(ax, c["step"], c["mean"], st, raw=c["raw"] if span > 1 else None, lo=lo, hi=hi,
+                             label=g.label)
+        for x, y in ends:
+            ax.plot([x], [y], ls="none", marker="x", ms=8, mew=2, color=st["color"])
+        lines += [*c["mean"], *c["raw"], *(y for _, y in ends)]
+        bands += [*lo, *hi]
+    if log:
+        ax.set_yscale("log")
+    plotstyle.fit_ylim(ax, lines, bands, log)
+
+
+def _eval_panel(ax, groups, styles, key: str) -> bool:
+    lines, bands = [], []
+    for g, st in zip(groups, styles):
+        c = eval_curves(g.runs, key)
+        if c.empty:
+            continue
+        lo, hi = _band(c, key)
+        plotstyle.draw_curve(ax, c["step"], c["mean"], st, lo=lo, hi=hi, markers=len(c), label=g.label)
+        lines, bands = lines + list(c["mean"]), bands + [*lo, *hi]
+    plotstyle.fit_ylim(ax, lines, bands)
+    return bool(lines)
+
+
+def _legend(fig, groups, styles, span: int, diverged: bool) -> None:
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    drawn = [(Line2D([], [], color="0.2", lw=0.6, alpha=0.4), "raw mean over seeds")] * (span > 1)
+    drawn += [(Line2D([], [], color="0.2", lw=1.6), f"EMA, span {span} steps" if span > 1 else "no smoothing"),
+              (Patch(color="0.2", alpha=0.2, lw=0), "95% CI across seeds (t)")]
+    if diverged:
+        drawn.append((Line2D([], [], color="0.2", ls="none", marker="x", ms=7, mew=2), "diverged run's last step"))
+    configs = [(Line2D([], [], lw=1.6, ms=4, **st), f"{g.label} (n={sum(len(r.train) > 0 for r in g.runs)})")
+               for g, st in zip(groups, styles)]
+    sections = plotstyle.key_entries([g.estimator for g in groups], [g.placement for g in groups],
+                                     [("drawn", drawn), ("configuration (n = runs)", configs)])
+    plotstyle.sectioned_legend(fig, sections)
+
+
+def model_figure(model: str, groups, span: int):
+    """The figure of one model: training curves (2 x 2) and, when there are evaluation records, pass@1 (1 x 2)."""
     from matplotlib.ticker import MaxNLocator
 
+    styles = group_styles(groups)
+    has_eval = any(k in r.evals.columns for g in groups for r in g.runs for k, _ in EVAL_CURVES)
+    fig, axes = plotstyle.new_figure(3 if has_eval else 2, 2, (12, 13 if has_eval else 9.5), sharex=True)
+    for ax, (key, title) in zip(axes.ravel(), CURVES):
+        _train_panel(ax, groups, styles, key, span)
+        ax.set_title(title + (" (log scale, geometric mean)" if ax.get_yscale() == "log" else ""))
+    if has_eval:
+        for ax, (key, title) in zip(axes[2], EVAL_CURVES):
+            if not _eval_panel(ax, groups, styles, key):
+                ax.text(0.5, 0.5, "no evaluation records", ha="center", va="center", transform=ax.transAxes)
+            ax.set_title(title)
+    for ax in axes.ravel():
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    for ax in axes[-1]:
+        ax.set_xlabel("training step")
+    diverged = any(r.status == "diverged" and len(r.train) for g in groups for r in g.runs)
+    _legend(fig, groups, styles, span, diverged)
+    fig.suptitle(f"{model}: mean over seeds (n per configuration below); band: 95% Student-t CI across seeds "
+                 "(an evaluation with one seed: its bootstrap 95% CI over problems)", fontsize="medium")
+    return fig
+
+
+def write_plots(report: Report, out_dir: Path, span: int | None = None) -> list[Path]:
+    """Per model, `curves_<model>.png` and its vector twin `.pdf`: reward, KL, entropy and gradient-norm training
+    curves of each configuration (EMA of span `span`, default about 1/20 of the run, over the faint raw mean, with
+    a 95% t-CI band across seeds) and the in-/out-of-domain pass@1 evaluations with their CIs. Every run with
+    records is drawn, diverged and running ones too (up to where they are)."""
     out_dir = Path(out_dir)
     written = []
     for model in dict.fromkeys(g.model for g in report.groups):
         groups = [g for g in report.groups if g.model == model and any(len(r.train) for r in g.runs)]
         if not groups:
             continue
-        fig = Figure(figsize=(12, 8.5), layout="constrained")
-        axes = fig.subplots(2, 2, sharex=True).ravel()
-        colors = [f"C{i % 10}" for i in range(len(groups))]
-        styles = ["-", "--", ":", "-."]
-        for i, (g, color) in enumerate(zip(groups, colors)):
-            for ax, (key, title) in zip(axes, CURVES):
-                st = curve_stats(g.runs, key)
-                if st.empty:
-                    continue
-                ax.plot(st["step"], st["mean"], color=color, ls=styles[(i // 10) % len(styles)], lw=1.3,
-                        label=f"{g.label} (n={int(st['n'].max())})")
-                if st["n"].max() > 1:
-                    ax.fill_between(st["step"], st["min"], st["max"], color=color, alpha=0.15, lw=0)
-        for ax, (_, title) in zip(axes, CURVES):
-            ax.set_title(title)
-            ax.grid(alpha=0.3)
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        for ax in axes[2:]:
-            ax.set_xlabel("step")
-        handles, labels = axes[0].get_legend_handles_labels()
-        fig.legend(handles, labels, loc="outside lower center", ncols=min(3, len(labels)), fontsize="small")
-        fig.suptitle(f"{model}: mean over seeds, band = min-max")
-        path = out_dir / f"curves_{re.sub(r'[^A-Za-z0-9._-]+', '_', model)}.png"
-        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110), mode="wb")
-        written.append(path)
+        steps = max(len(r.train) for g in groups for r in g.runs)
+        fig = model_figure(model, groups, span or plotstyle.auto_span(steps))
+        written += plotstyle.save(fig, out_dir / f"curves_{re.sub(r'[^A-Za-z0-9._-]+', '_', model)}.png")
     return written
