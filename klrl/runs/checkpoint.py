@@ -34,10 +34,34 @@ def save(run: RunDir, step: int, model_state: dict, optim_state: dict, scheduler
         os.replace(current, previous)  # a rename: the good checkpoint stays whole under its new name
     try:
         atomic_write(current, lambda f: torch.save(state, f), mode="wb")
-    except BaseException:
+    except BaseException as e:
         if previous.exists() and not current.exists():
             os.replace(previous, current)  # the new one never landed: the last good one is current again
+        if isinstance(e, Exception):
+            raise CheckpointWriteError(f"could not write {current} ({why(e, run)}); the last good checkpoint is "
+                                       "intact, resume from it once there is room") from e
         raise
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (disk full, quota, file size limit): one line, the last one is intact."""
+
+
+def why(e: Exception, run: RunDir) -> str:
+    """In a few words, why a write failed: torch's zip writer reports a full disk as 'unexpected pos'."""
+    import errno
+    import shutil
+
+    codes = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+             errno.EFBIG: "file too large for this filesystem or limit"}
+    for err in (e, e.__cause__, e.__context__):
+        if isinstance(err, OSError) and err.errno in codes:
+            return codes[err.errno]
+    try:
+        free = shutil.disk_usage(run.path).free
+    except OSError:
+        return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:80]}"
+    return f"{free / 2**20:.0f} MiB free; {type(e).__name__}: {(str(e).splitlines() or [''])[0][:80]}"
 
 
 def load(run: RunDir) -> Loaded:

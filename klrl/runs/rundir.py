@@ -36,7 +36,7 @@ RESUMABLE = OPERATIONAL | {"steps"}
 FINAL = ("completed", "diverged")
 STATUSES = ("pending", "running", "stale", "completed", "diverged", "failed", "unreadable", "unknown")
 HEARTBEAT_S = 10.0  # a training process touches `heartbeat` this often
-STALE_S = 120.0  # a "running" run whose heartbeat is older than this has no live process
+STALE_S = float(os.environ.get("KLRL_STALE_S", 120.0))  # a "running" run with an older heartbeat has no process
 
 
 # --- files ----------------------------------------------------------------------------------------------------------

@@ -17,6 +17,8 @@ from klrl.runs.rundir import CHECKPOINT, FINAL, HEARTBEAT_S, RunDir
 from klrl.training.evaluate import eval_sampling
 
 log = logging.getLogger(__name__)
+TRACE = "klrl.trace"  # a logger that writes to the run's train.log and nowhere else
+logging.getLogger(TRACE).propagate = False
 LOCK = ".hydra/lock"  # held (flock) by the process training the run
 VERSIONED = ("torch", "transformers", "tokenizers", "numpy", "klrl")  # what decides the numbers a run reports
 
@@ -127,6 +129,7 @@ def start_summary(cfg, run: RunDir, main: bool) -> dict:
         handler = logging.FileHandler(run.file("train.log"))
         handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
         logging.getLogger().addHandler(handler)
+        logging.getLogger(TRACE).addHandler(handler)  # tracebacks go to train.log only; the console gets one line
     return summary
 
 
