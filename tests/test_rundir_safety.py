@@ -165,3 +165,14 @@ def test_concurrent_jobs_build_the_warm_start_once(tmp_path):
     logs = "".join(p.read_text() for p in sweep.rglob("train.log"))
     assert logs.count("warm-starting the tiny model") == 1, logs[-3000:]
     assert len([p for p in (cache / "warmstart").iterdir() if not p.name.startswith(".")]) == 1
+
+
+def test_one_list_of_operational_keys():
+    """The keys that may change on resume are the keys that never name a run directory (conf/train.yaml)."""
+    from omegaconf import OmegaConf
+
+    from klrl.paths import CONF_DIR
+    from klrl.runs.rundir import RESUMABLE
+
+    train_yaml = OmegaConf.load(Path(CONF_DIR) / "train.yaml")
+    assert sorted(train_yaml.hydra.job.config.override_dirname.exclude_keys) == sorted(RESUMABLE)

@@ -17,7 +17,9 @@ from torch import Tensor
 
 from klrl.core.estimators import kl_values
 
-BASELINES = ("rloo", "grpo", "dr_grpo", "none")
+BASELINES = ("rloo", "grpo", "dr_grpo", "rloo_std", "none")
+LOSS_WEIGHTS = ("none", "rho", "score", "detached_rho")
+STD_KINDS = ("sample", "population")
 AGGREGATIONS = ("seq_sum", "token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
 REWARD_FORMS = ("seqsum", "togo")
 
@@ -32,9 +34,17 @@ class KLSpec:
     reward_form: str = "seqsum"
     reward_is_weight: bool = False
     in_loss: bool = False
-    loss_is_weight: bool = False
+    loss_is_weight: bool = False  # the in-loss term as rho_t * k_t (= loss_weight "rho")
     clamp_log_ratio: float | None = None  # clamp delta to +-c before the estimator (None = off)
     clamp_value: float | None = None  # clamp the estimate to +-c (None = off)
+    loss_weight: str = "none"  # how the in-loss term is weighted: none | rho | score | detached_rho (LOSS_WEIGHTS)
+    clamp_after_weight: bool = False  # clamp_value bites the weighted term (w * k) instead of k
+    reward_from_old: bool = False  # the reward-placed estimate from the sampler's log-probs, not the current ones
+    loss_agg: str | None = None  # aggregation of the in-loss KL term alone (None: the policy gradient's)
+
+    @property
+    def weight(self) -> str:
+        return "rho" if self.loss_is_weight else self.loss_weight
 
 
 @dataclass(frozen=True)
@@ -46,6 +56,10 @@ class PGSpec:
     agg_norm: float | None = None  # seq_mean_token_sum_norm's constant: the generation budget (max new tokens)
     ratio_clip: float | None = None  # PPO epsilon; None = plain importance-weighted REINFORCE
     is_truncate: float | None = None  # cap on the token importance ratio (truncated IS); None = no cap
+    adv_eps: float = 1e-6  # grpo / rloo_std: added to the group std
+    adv_std: str = "sample"  # grpo: the group std with Bessel's correction (sample) or without (population)
+    dual_clip: float | None = None  # PPO dual clip c > 1: negative-advantage tokens' loss capped at -c A
+    ratio_log_clamp: float | None = None  # clamp log(pi/pi_old) to +-c before exp in the policy-gradient ratio
 
 
 class LossOut(NamedTuple):
@@ -54,13 +68,17 @@ class LossOut(NamedTuple):
     stats: dict[str, Tensor]  # detached diagnostics
 
 
-def group_advantages(rewards: Tensor, group_size: int, baseline: str, eps: float = 1e-6) -> Tensor:
+def group_advantages(rewards: Tensor, group_size: int, baseline: str, eps: float = 1e-6, std: str = "sample"
+                     ) -> Tensor:
     """Advantages from a group baseline, [B] -> [B].
 
-    rloo:    A_i = R_i - mean_{j != i} R_j. The baseline is independent of sample i, so the estimator stays unbiased.
-    dr_grpo: A_i = R_i - mean_j R_j. The mean includes R_i itself, which shrinks the expected gradient by (1 - 1/G).
-    grpo:    A_i = (R_i - mean_j R_j) / (std_j R_j + eps). Biased (per-group rescaling), the GRPO default.
-    none:    A_i = R_i (plain REINFORCE).
+    rloo:     A_i = R_i - mean_{j != i} R_j. The baseline is independent of sample i, so the estimator stays unbiased.
+    dr_grpo:  A_i = R_i - mean_j R_j. The mean includes R_i itself, which shrinks the expected gradient by (1 - 1/G).
+    grpo:     A_i = (R_i - mean_j R_j) / (std_j R_j + eps). Biased (per-group rescaling), the GRPO default; std with
+              Bessel's correction ("sample", TRL, verl) or without ("population", open-instruct).
+    rloo_std: A_i = (R_i - b_i) / (s_i + eps), b_i and s_i the mean and sample std of the other G - 1 rewards
+              (NeMo-RL's leave-one-out GRPO; A_i = R_i - b_i where s_i = 0).
+    none:     A_i = R_i (plain REINFORCE).
     """
     if baseline == "none":
         return rewards
@@ -71,10 +89,23 @@ def group_advantages(rewards: Tensor, group_size: int, baseline: str, eps: float
     elif baseline == "dr_grpo":
         adv = centred
     elif baseline == "grpo":
-        adv = centred / (r.std(-1, keepdim=True) + eps)
+        adv = centred / (r.std(-1, keepdim=True, correction=int(std == "sample")) + eps)
+    elif baseline == "rloo_std":
+        adv = leave_one_out_standardised(r, eps)
     else:
         raise ValueError(f"unknown baseline {baseline!r}; choose from {', '.join(BASELINES)}")
     return adv.reshape(-1)
+
+
+def leave_one_out_standardised(r: Tensor, eps: float) -> Tensor:
+    """[groups, G] -> (R_i - b_i) / (s_i + eps) with the mean b_i and sample std s_i of the other G - 1 rewards."""
+    G = r.shape[-1]
+    b = (r.sum(-1, keepdim=True) - r) / (G - 1)
+    if G < 3:  # one other reward: no spread to divide by
+        return r - b
+    q = ((r * r).sum(-1, keepdim=True) - r * r) / (G - 1)
+    s = ((q - b * b).clamp(min=0) * (G - 1) / (G - 2)).sqrt()
+    return torch.where(s > 0, (r - b) / (s + eps), r - b)
 
 
 def reward_to_go(x: Tensor) -> Tensor:
@@ -87,11 +118,14 @@ def pg_term(ratio: Tensor, adv: Tensor, pg: PGSpec) -> Tensor:
 
     default:   -rho_t * A_t. On-policy rho = 1 in value and grad rho = grad log pi, so this is REINFORCE.
     truncated: -min(rho_t, c) * A_t; tokens whose ratio is capped get no gradient (the authors' async code, c = 8).
-    ppo:       -min(rho_t A_t, clip(rho_t, 1 - eps, 1 + eps) A_t).
+    ppo:       -min(rho_t A_t, clip(rho_t, 1 - eps, 1 + eps) A_t), with dual_clip c: capped at -c A where A < 0.
     """
     if pg.ratio_clip is not None:
         eps = pg.ratio_clip
-        return -torch.minimum(ratio * adv, ratio.clamp(1 - eps, 1 + eps) * adv)
+        loss = -torch.minimum(ratio * adv, ratio.clamp(1 - eps, 1 + eps) * adv)
+        if pg.dual_clip is not None:
+            loss = torch.where(adv < 0, torch.minimum(loss, -pg.dual_clip * adv), loss)
+        return loss
     if pg.is_truncate is not None:
         return -ratio.clamp(max=pg.is_truncate) * adv
     return -ratio * adv
@@ -131,38 +165,66 @@ def aggregate(per_token: Tensor, mask: Tensor, agg: str, token_norm: float | Ten
 class KLTerms(NamedTuple):
     rewards: Tensor  # [B] task rewards minus the seqsum penalty (what the baseline sees)
     token_shift: Tensor  # [B, T] the reward-to-go penalty, subtracted from the advantages after the baseline
-    extra: Tensor  # [B, T] loss terms added beside the policy gradient (in-loss KL, sequence-weighted penalty)
+    extra: Tensor  # [B, T] the sequence-weighted reward penalty's score-function term, beside the policy gradient
+    in_loss: Tensor  # [B, T] the in-loss KL term
     stats: dict
 
 
-def kl_terms(logp: Tensor, ref_logp: Tensor, real: Tensor, log_rho: Tensor, ratio: Tensor, rewards: Tensor,
-             group_size: int, kl: KLSpec) -> KLTerms:
+def reward_penalty(logp, old_logp, ref_logp, real, log_rho, rewards, group_size, kl: KLSpec, out: KLTerms) -> KLTerms:
+    """The KL placed in the reward: beta * sum_t sg(k_t) before the baseline (seqsum), per token after it (togo),
+    or as its own sequence-importance-weighted score-function term (reward_is_weight)."""
+    zero = torch.zeros_like(logp)
+    source = old_logp if kl.reward_from_old else logp  # verl, TRL's RLOO, OpenRLHF: the sampler's log-probs
+    delta = torch.where(real, source - ref_logp, zero)
+    penalty = kl.beta * torch.where(real, kl_values(delta, kl.estimator, kl.clamp_log_ratio, kl.clamp_value),
+                                    zero).detach()
+    stats = {"kl/reward_penalty": penalty.sum(-1).mean()}
+    if kl.reward_is_weight:
+        seq_pen = penalty.sum(-1).view(-1, group_size)
+        loo = (seq_pen.sum(-1, keepdim=True) - seq_pen) / (group_size - 1)
+        w = torch.exp(log_rho.sum(-1)).detach()
+        stats["is/seq_weight_mean"] = w.mean()
+        return out._replace(extra=(w * (seq_pen - loo).reshape(-1))[:, None] * logp, stats={**out.stats, **stats})
+    if kl.reward_form == "seqsum":
+        return out._replace(rewards=rewards - penalty.sum(-1), stats={**out.stats, **stats})
+    return out._replace(token_shift=reward_to_go(penalty), stats={**out.stats, **stats})
+
+
+def loss_term(logp: Tensor, ref_logp: Tensor, real: Tensor, ratio: Tensor, kl: KLSpec) -> Tensor:
+    """The KL placed in the loss, per token, weighted as kl.weight says:
+      none:         beta * k_t                                 (pathwise term only)
+      rho:          beta * rho_t k_t, rho_t = pi/pi_old        (DeepSeek-V3.2, TRL use_bias_correction_kl, slime)
+      score:        beta * exp(l_t - sg(l_t)) k_t              (NeMo-RL: value k_t, gradient grad k_t + k_t grad l_t)
+      detached_rho: beta * (sg(k_t) + sg(rho_t delta_t)(l_t - sg(l_t)))   (OpenRLHF unbiased_gradient: the value of
+                    k_t, the gradient rho_t delta_t grad l_t)
+    With clamp_after_weight the value clamp bites w * k_t (slime, NeMo-RL) rather than k_t."""
+    zero = torch.zeros_like(logp)
+    delta = torch.where(real, logp - ref_logp, zero)
+    value_clamp = None if kl.clamp_after_weight else kl.clamp_value
+    k = torch.where(real, kl_values(delta, kl.estimator, kl.clamp_log_ratio, value_clamp), zero)
+    if kl.weight == "detached_rho":
+        term = k.detach() + (ratio * delta).detach() * (logp - logp.detach())
+    else:
+        w = {"none": 1.0, "rho": ratio, "score": torch.exp(logp - logp.detach())}[kl.weight]
+        term = w * k
+    if kl.clamp_after_weight and kl.clamp_value is not None:
+        term = term.clamp(-kl.clamp_value, kl.clamp_value)
+    return kl.beta * torch.where(real, term, zero)
+
+
+def kl_terms(logp: Tensor, old_logp: Tensor, ref_logp: Tensor, real: Tensor, log_rho: Tensor, ratio: Tensor,
+             rewards: Tensor, group_size: int, kl: KLSpec) -> KLTerms:
     """Where the KL enters the loss: the reward (seqsum / togo / sequence-weighted), the loss, or both."""
     zero = torch.zeros_like(logp)
-    out = KLTerms(rewards, zero, zero, {})
+    out = KLTerms(rewards, zero, zero, zero, {})
     if kl.estimator is None:
         return out
-    delta = torch.where(real, logp - ref_logp, zero)
-    k = torch.where(real, kl_values(delta, kl.estimator, kl.clamp_log_ratio, kl.clamp_value), zero)
-    extra, stats = zero, {}
     if kl.in_reward:
-        penalty = kl.beta * k.detach()
-        if kl.reward_is_weight:
-            seq_pen = penalty.sum(-1).view(-1, group_size)
-            loo = (seq_pen.sum(-1, keepdim=True) - seq_pen) / (group_size - 1)
-            w = torch.exp(log_rho.sum(-1)).detach()
-            extra = extra + (w * (seq_pen - loo).reshape(-1))[:, None] * logp
-            stats["is/seq_weight_mean"] = w.mean()
-        elif kl.reward_form == "seqsum":
-            out = out._replace(rewards=rewards - penalty.sum(-1))
-        else:
-            out = out._replace(token_shift=reward_to_go(penalty))
-        stats["kl/reward_penalty"] = penalty.sum(-1).mean()
+        out = reward_penalty(logp, old_logp, ref_logp, real, log_rho, rewards, group_size, kl, out)
     if kl.in_loss:
-        kl_tok = kl.beta * (ratio if kl.loss_is_weight else 1.0) * k
-        extra = extra + kl_tok
-        stats["loss/kl"] = (kl_tok * real).sum(-1).mean().detach()
-    return out._replace(extra=extra, stats=stats)
+        term = loss_term(logp, ref_logp, real, ratio, kl)
+        out = out._replace(in_loss=term, stats={**out.stats, "loss/kl": term.sum(-1).mean().detach()})
+    return out
 
 
 @torch.no_grad()
@@ -221,9 +283,15 @@ def policy_loss(
     # NaN (inf * 0) that the mask would then have to hide.
     log_rho = torch.where(real, logp - old_logp, zero)
     ratio = torch.exp(log_rho)
-    kl_part = kl_terms(logp, ref_logp, real, log_rho, ratio, rewards, group_size, kl)
-    adv = group_advantages(kl_part.rewards, group_size, pg.baseline)
-    pg_tok = pg_term(ratio, adv[:, None] - kl_part.token_shift, pg)
-    loss, per_seq = aggregate(pg_tok + kl_part.extra, mask, pg.agg, token_norm, pg.agg_norm)
+    kl_part = kl_terms(logp, old_logp, ref_logp, real, log_rho, ratio, rewards, group_size, kl)
+    adv = group_advantages(kl_part.rewards, group_size, pg.baseline, pg.adv_eps, pg.adv_std)
+    pg_ratio = ratio if pg.ratio_log_clamp is None else torch.exp(log_rho.clamp(-pg.ratio_log_clamp, pg.ratio_log_clamp))
+    pg_tok = pg_term(pg_ratio, adv[:, None] - kl_part.token_shift, pg)
+    if kl.loss_agg is None:  # one aggregation for everything (it is linear: the same as aggregating each part)
+        loss, per_seq = aggregate(pg_tok + kl_part.extra + kl_part.in_loss, mask, pg.agg, token_norm, pg.agg_norm)
+    else:  # the KL term has its own (SkyRL: seq_mean_token_mean beside a token_mean policy gradient)
+        loss, per_seq = aggregate(pg_tok + kl_part.extra, mask, pg.agg, token_norm, pg.agg_norm)
+        kl_loss, kl_seq = aggregate(kl_part.in_loss, mask, kl.loss_agg, token_norm, pg.agg_norm)
+        loss, per_seq = loss + kl_loss, per_seq + kl_seq
     stats = {**kl_part.stats, **diagnostics(pg_tok, adv, ratio, log_rho, mask.to(logp.dtype), pg)}
     return LossOut(loss, per_seq, stats)

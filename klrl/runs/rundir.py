@@ -31,7 +31,8 @@ SUMMARY, METRICS, CHECKPOINT, HEARTBEAT = "summary.json", "metrics.jsonl", "chec
 CONFIG, OVERRIDES, HYDRA = Path(".hydra") / "config.yaml", Path(".hydra") / "overrides.yaml", Path(".hydra") / "hydra.yaml"
 # Config keys that say how a run executes, not what it computes: the one list. They may change when a run resumes
 # (with `steps`, which extends it), never name a run directory, and never split rows of `klrl table`.
-OPERATIONAL = frozenset({"resume", "progress", "tensorboard", "logger", "ckpt_every", "device", "cache_dir"})
+OPERATIONAL = frozenset({"resume", "progress", "tensorboard", "logger", "ckpt_every", "extras_every", "device",
+                         "cache_dir"})
 RESUMABLE = OPERATIONAL | {"steps"}
 FINAL = ("completed", "diverged")
 STATUSES = ("pending", "running", "stale", "completed", "diverged", "failed", "unreadable", "unknown")

@@ -162,12 +162,15 @@ def decode_responses(tokenizer, rollout: Rollout) -> list[str]:
 
 
 def response_logits(model, rollout: Rollout) -> Tensor:
-    """[B, R, V] logits of the next-token distributions that produced each response token."""
+    """[B, R, V] logits of the next-token distributions that produced each response token. The LM head runs on
+    those R positions only (`logits_to_keep`): the prompt's logits would be computed only to be thrown away."""
     device = next(model.parameters()).device
     attn = rollout.attention_mask.to(device)
     pos = (attn.cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=rollout.input_ids.to(device), attention_mask=attn, position_ids=pos, use_cache=False)
-    return out.logits[:, rollout.prompt_len - 1 : -1]
+    R = rollout.input_ids.shape[1] - rollout.prompt_len
+    out = model(input_ids=rollout.input_ids.to(device), attention_mask=attn, position_ids=pos, use_cache=False,
+                logits_to_keep=R + 1)
+    return out.logits[:, :-1]
 
 
 def sampler_logits(model, rollout: Rollout, temperature: float = 1.0, top_p: float = 1.0,
@@ -191,12 +194,18 @@ def policy_logprobs(model, rollout: Rollout, temperature: float = 1.0, top_p: fl
     return token_logprobs(logits, rollout.responses, rollout.response_mask)
 
 
+EXTRAS_BYTES = 2**28  # temporaries of the exact KL / entropy pass: chunks of sequences stay within this
+
+
 def kl_and_entropy(logits: Tensor, ref_logits: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
     """Per sequence [B]: exact sum_t KL(pi(.|s_t)||pi_ref(.|s_t)) and the summed per-token entropy, from the
-    sampler logits [B, R, V] of the policy and of the reference (`klrl.core.distributions.sampling_logits`)."""
+    sampler logits [B, R, V] of the policy and of the reference (`klrl.core.distributions.sampling_logits`).
+    In chunks of sequences whose float32 temporaries (a few [n, R, V] tensors) stay within EXTRAS_BYTES: the
+    whole micro-batch at once for a small vocabulary, one sequence at a time for a 150k one at 7B lengths."""
     with torch.no_grad():
-        # One sequence at a time: its float32 [R, V] temporaries over a 150k vocabulary are already GBs.
-        kls, ents = zip(*(exact_kl_entropy(a, b) for a, b in zip(logits.split(1), ref_logits.split(1))))
+        B, R, V = logits.shape
+        n = max(1, EXTRAS_BYTES // max(1, 6 * 4 * R * V))
+        kls, ents = zip(*(exact_kl_entropy(a, b) for a, b in zip(logits.split(n), ref_logits.split(n))))
         kl, ent = torch.cat(kls), torch.cat(ents)
         real = mask.to(kl.device) > 0
         zero = torch.zeros_like(kl)

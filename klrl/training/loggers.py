@@ -65,7 +65,10 @@ class ProgressBar:
 
     def write(self, record: dict) -> None:
         if record.get("kind") == "train":  # the values of the step just counted, not of the one before
-            self.bar.set_postfix(reward=f"{record['reward']:.3f}", kl=f"{record['kl/exact']:.4f}", refresh=False)
+            shown = {"reward": f"{record['reward']:.3f}"}
+            if "kl/exact" in record:  # absent on steps without the extras (extras_every)
+                shown["kl"] = f"{record['kl/exact']:.4f}"
+            self.bar.set_postfix(shown, refresh=False)
             self.bar.update(1)
 
     def flush(self) -> None:

@@ -75,7 +75,8 @@ def train(cfg: DictConfig, run_dir: Path | str) -> str:
         for step in range(start, cfg.steps):
             try:
                 batch = source.get(step)
-                rec = update(batch, cfg, p.model, p.ref, p.optimizer, p.scheduler, kl, pg, p.dist)
+                rec = update(batch, cfg, p.model, p.ref, p.optimizer, p.scheduler, kl, pg, p.dist,
+                             extras=step % cfg.extras_every == 0)
             except Diverged as e:
                 logs.write({"step": step + 1, "kind": "diverged", "reason": str(e)})
                 return finish(run, summary, "diverged", step, main, diverged_at=step + 1, reason=str(e),

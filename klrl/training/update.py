@@ -24,7 +24,7 @@ class Diverged(Exception):
 class Step:
     """The state of one update: the batch split into micro-batches, and what is logged about it."""
 
-    def __init__(self, batch: Batch, cfg, model, dist: Dist):
+    def __init__(self, batch: Batch, cfg, model, dist: Dist, extras: bool = True):
         self.batch, self.cfg, self.dist = batch, cfg, dist
         self.device = next(model.parameters()).device
         B = len(batch.rewards)
@@ -35,9 +35,13 @@ class Step:
         self.token_norm = self.n_tok / (B * dist.world)  # the global count: token_mean stays exact when split
         self.temperature, self.top_p = cfg.generation.temperature, cfg.generation.top_p
         self.ref_lp: list = [None] * len(self.chunks)
-        self.logged: dict = defaultdict(float)
-        self.entropy_sum = 0.0
-        self.bad = ""  # checked collectively after the micro-batches: every rank stops at the same step
+        # Accumulated on the device and read once per step: an .item() per micro-batch would make the host wait
+        # for the device each time.
+        self.logged: dict = defaultdict(lambda: torch.zeros((), device=self.device, dtype=torch.float64))
+        self.entropy_sum = torch.zeros((), device=self.device, dtype=torch.float64)
+        self.bad_logp = torch.zeros((), device=self.device, dtype=torch.bool)
+        self.bad_loss = torch.zeros((), device=self.device, dtype=torch.bool)
+        self.extras = extras  # the exact KL, entropy and every estimator's value: not every step (extras_every)
 
     def reference(self, j: int, ref, logits, logp, part, mask) -> None:
         """The reference's log-probs of micro-batch j (once per batch), and the logged KL yardsticks."""
@@ -45,12 +49,13 @@ class Step:
         with torch.no_grad():
             ref_logits = sampler_logits(ref, part, self.temperature, self.top_p, support=support_of(logits, self.top_p))
             self.ref_lp[j] = token_logprobs(ref_logits, part.responses, mask)
-            exact_kl, ent = kl_and_entropy(logits.detach(), ref_logits, mask)
+            if self.extras:
+                exact_kl, ent = kl_and_entropy(logits.detach(), ref_logits, mask)
+                self.logged["kl/exact"] += exact_kl.mean() * w
+                self.entropy_sum += ent.sum()
+                for name, v in sequence_estimates(logp, self.ref_lp[j], mask).items():
+                    self.logged[f"kl/{name}"] += v.mean() * w
             del ref_logits
-            self.logged["kl/exact"] += exact_kl.mean().item() * w
-            self.entropy_sum += ent.sum().item()
-            for name, v in sequence_estimates(logp, self.ref_lp[j], mask).items():
-                self.logged[f"kl/{name}"] += v.mean().item() * w
 
     def backward(self, j: int, u: int, model, ref, old, kl: KLSpec, pg: PGSpec) -> None:
         """Micro-batch j of update u: the loss, scaled by its share of the batch, backpropagated."""
@@ -60,21 +65,26 @@ class Step:
         mask = part.response_mask.to(self.device)
         logits = sampler_logits(model, part, self.temperature, self.top_p)
         logp = token_logprobs(logits, part.responses, mask)
-        if not torch.isfinite(logp).all():
-            self.bad = self.bad or "non-finite log-probs"
+        self.bad_logp |= ~torch.isfinite(logp).all()
         if u == 0:
             self.reference(j, ref, logits, logp, part, mask)
         old_j = old[c].to(self.device) if old is not None else logp.detach()
         rewards = self.batch.rewards[c].to(self.device)
         out = policy_loss(logp, old_j, self.ref_lp[j], mask, rewards, self.cfg.algo.group_size, pg, kl,
                           token_norm=self.token_norm)
-        if not torch.isfinite(out.loss):
-            self.bad = self.bad or "non-finite loss"
+        self.bad_loss |= ~torch.isfinite(out.loss)
         (out.loss * w).backward()
         if u == 0:
-            self.logged["loss"] += out.loss.item() * w
+            self.logged["loss"] += out.loss.detach() * w
             for k, v in out.stats.items():
-                self.logged[k] += v.item() * w
+                self.logged[k] += v.detach() * w
+
+    def check(self) -> None:
+        """Raise Diverged, on every rank at once, if any rank saw a non-finite log-prob or loss (one sync)."""
+        bad_logp, bad_loss = bool(self.bad_logp), bool(self.bad_loss)
+        if self.dist.sum(float(bad_logp or bad_loss)) > 0:
+            raise Diverged("non-finite log-probs" if bad_logp else "non-finite loss" if bad_loss
+                           else "non-finite values on another rank")
 
 
 def optimizer_step(model, optimizer, scheduler, grad_clip: float, dist: Dist) -> float:
@@ -89,12 +99,13 @@ def optimizer_step(model, optimizer, scheduler, grad_clip: float, dist: Dist) ->
     return gn.item()
 
 
-def update(batch: Batch, cfg, model, ref, optimizer, scheduler, kl: KLSpec, pg: PGSpec, dist: Dist = Dist()) -> dict:
+def update(batch: Batch, cfg, model, ref, optimizer, scheduler, kl: KLSpec, pg: PGSpec, dist: Dist = Dist(),
+           extras: bool = True) -> dict:
     """algo.updates_per_batch optimizer updates on one batch. Returns the step's metrics (averaged over ranks);
-    raises Diverged."""
+    raises Diverged. extras: also log the exact KL, the entropy and every estimator's value."""
     t0 = time.perf_counter()
     model.train()
-    s = Step(batch, cfg, model, dist)
+    s = Step(batch, cfg, model, dist, extras)
     old = batch.old_logp
     if old is None and cfg.algo.updates_per_batch > 1:  # later updates are off-policy: keep the sampler's log-probs
         old = behaviour_logprobs(model, batch, s.chunks[0].stop, s.temperature, s.top_p)
@@ -103,19 +114,20 @@ def update(batch: Batch, cfg, model, ref, optimizer, scheduler, kl: KLSpec, pg: 
         optimizer.zero_grad(set_to_none=True)
         for j in range(len(s.chunks)):
             s.backward(j, u, model, ref, old, kl, pg)
-        if dist.sum(float(bool(s.bad))) > 0:
-            raise Diverged(s.bad or "non-finite values on another rank")
+        s.check()
         grad_norms.append(optimizer_step(model, optimizer, scheduler, cfg.optim.grad_clip, dist))
     return metrics(s, batch, scheduler, grad_norms[0], time.perf_counter() - t0, cfg.algo.updates_per_batch)
 
 
 def metrics(s: Step, batch: Batch, scheduler, grad_norm: float, t_train: float, updates: int) -> dict:
     rewards, B = batch.rewards, len(batch.rewards)
+    logged = dict(zip(s.logged, torch.stack(list(s.logged.values())).tolist())) if s.logged else {}
     local = {"reward": rewards.mean().item(), "accuracy": (rewards >= 1).float().mean().item(),
-             "response_length": s.n_tok_local / B, **dict(s.logged)}
+             "response_length": s.n_tok_local / B, **logged}
+    extras = {"entropy": s.dist.sum(s.entropy_sum.item()) / max(s.n_tok, 1)} if s.extras else {}  # per token
     return {
         **s.dist.mean_dict(local),
-        "entropy": s.dist.sum(s.entropy_sum) / max(s.n_tok, 1),  # per token, over the global batch
+        **extras,
         "grad_norm": grad_norm,
         "lr": scheduler.get_last_lr()[0],
         "staleness": batch.staleness,

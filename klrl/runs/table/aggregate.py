@@ -42,6 +42,7 @@ import numpy as np
 import pandas as pd
 
 from klrl.core.estimators import ESTIMATORS
+from klrl.runs.rundir import OPERATIONAL
 from klrl.runs.table.load import FINISHED, STATUSES, Run
 
 EVAL_METRICS = {  # column prefix -> key in a run's final_eval, without the "eval/" prefix
@@ -53,7 +54,7 @@ EVAL_METRICS = {  # column prefix -> key in a run's final_eval, without the "eva
 ESTIMATOR_ORDER = ("none", *ESTIMATORS)  # the registry's order
 PLACEMENT_ORDER = ("none", "reward", "loss", "both")
 # Config keys that say how a run was executed, not what it computes; they never split rows.
-OPERATIONAL_KEYS = {"seed", "resume", "progress", "tensorboard", "device", "cache_dir", "ckpt_every"}
+OPERATIONAL_KEYS = OPERATIONAL | {"seed"}  # how runs executed (and their seeds, which rows aggregate): never rows
 
 
 # --- theory -------------------------------------------------------------------------------------------------------
