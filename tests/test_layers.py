@@ -11,7 +11,7 @@ import networkx as nx
 ROOT = Path(__file__).resolve().parent.parent
 # Low to high. A module may import from its own layer or below.
 LAYERS = [
-    ("klrl.errors", "klrl.paths", "klrl.hub", "klrl.plotstyle", "klrl.__init__"),  # leaves shared by everything
+    ("klrl.errors", "klrl.paths", "klrl.hub", "klrl.plotstyle", "klrl.hydra_private"),  # leaves shared by everything
     ("klrl.core",),  # the pure math: estimators, the sampled distribution, losses, the enumerable toy
     ("klrl.config",),  # structured configs, declared constraints, the validator, config -> loss specs
     ("klrl.models", "klrl.tasks", "klrl.sampling"),  # what is trained, on what, and how responses are drawn

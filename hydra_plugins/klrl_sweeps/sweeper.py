@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Dict, List, Optional
 
-from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from klrl.hydra_private import BasicSweeper
 from hydra.core.override_parser.types import Override
 
 

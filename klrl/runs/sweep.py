@@ -129,7 +129,7 @@ def expand(subgrids: list[dict[str, Any]], arguments: list[str]) -> list[list[st
     `arguments` are task overrides (Hydra's sweep syntax allowed); where one names a key the sub-grid also sets,
     the argument wins. Two points are the same when their sets of `key=value` overrides are equal.
     """
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from klrl.hydra_private import split_arguments
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     parser = OverridesParser.create()
@@ -143,7 +143,7 @@ def expand(subgrids: list[dict[str, Any]], arguments: list[str]) -> list[list[st
         hydra_keys = [o.input_line for o in parsed if o.is_hydra_override()]
         if hydra_keys:
             raise ConfigError(f"{', '.join(map(str, hydra_keys))}: hydra settings cannot be grid points")
-        for job in itertools.chain.from_iterable(BasicSweeper.split_arguments(parsed, None)):
+        for job in itertools.chain.from_iterable(split_arguments(parsed)):
             point = tuple(sorted(job))
             if point not in seen:
                 seen.add(point)

@@ -117,7 +117,6 @@ def find_run_dirs(root: Path) -> list[Path]:
     return sorted(found)
 
 
-BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 
 
 def expected_jobs(multirun_yaml: Path) -> list[list[str]] | None:
@@ -127,7 +126,7 @@ def expected_jobs(multirun_yaml: Path) -> list[list[str]] | None:
     Expanded with Hydra's own BasicSweeper, as the sweep was, so that the strings compare equal ("false" on the
     command line is "False" in a job's overrides).
     """
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from klrl.hydra_private import BASIC_SWEEPER, split_arguments
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     hydra_cfg = (_read_yaml(multirun_yaml) or {}).get("hydra") or {}
@@ -139,7 +138,7 @@ def expected_jobs(multirun_yaml: Path) -> list[list[str]] | None:
     args = [f"{k}={v}" for k, v in params.items()] + task
     parsed = OverridesParser.create().parse_overrides(args)
     jobs = [o for o in parsed if not o.is_hydra_override()]
-    return [job for batch in BasicSweeper.split_arguments(jobs, None) for job in batch]
+    return [job for batch in split_arguments(jobs) for job in batch]
 
 
 def compose_configs(jobs: list[list[str]], compose) -> list[dict | None]:
