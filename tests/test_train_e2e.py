@@ -126,8 +126,17 @@ def test_non_finite_loss_is_a_diverged_result(tmp_path, monkeypatch):
     assert kinds == [(1, "train"), (2, "train"), (3, "diverged")]
 
 
+def broken_cache(tmp_path):
+    """A cache directory that passes validation (it can be written) but fails the run that uses it: its warmstart
+    entry is a file, so the warm start cannot be stored there."""
+    cache = tmp_path / "broken_cache"
+    cache.mkdir()
+    (cache / "warmstart").write_text("not a directory\n")
+    return cache
+
+
 def test_exception_is_a_failed_run_with_nonzero_exit(tmp_path):
-    proc = run_klrl("train", *FAST, "steps=1", "cache_dir=/proc/klrl-cannot-write-here", f"hydra.run.dir={tmp_path / 'r'}",
+    proc = run_klrl("train", *FAST, "steps=1", f"cache_dir={broken_cache(tmp_path)}", f"hydra.run.dir={tmp_path / 'r'}",
                     cwd=tmp_path)
     assert proc.returncode == 1
     summary = read_json(tmp_path / "r" / SUMMARY)
@@ -147,7 +156,7 @@ BAD = [
     (["placement=loss", "placement.reward_form=togo"], "placement.reward_form=togo has no effect with placement=loss"),
     (["placement=reward", "placement.loss_is_weight=true"], "placement.loss_is_weight=True has no effect"),
     (["placement.reward_form=sum"], "placement.reward_form='sum' is not valid; choose from: seqsum, togo"),
-    (["algo.baseline=ppo"], "algo.baseline='ppo' is not valid; choose from: rloo, grpo, dr_grpo, none"),
+    (["algo.baseline=ppo"], "algo.baseline='ppo' is not valid; choose from: rloo, grpo, dr_grpo, rloo_std, none"),
     (["algo.updates_per_batch=4"], "algo.updates_per_batch=4 needs algo.ratio_clip"),
     (["nosuchkey=1"], "nosuchkey"),
     (["task.eval_size=0"], "task.eval_size=0 is not valid; it must be an integer >= 1"),
@@ -196,7 +205,7 @@ def test_a_failing_run_does_not_stop_a_local_sweep(tmp_path):
     import os
 
     sweep = tmp_path / "sweep"
-    proc = run_klrl("train", "-m", *FAST, "steps=1", f"cache_dir=/proc/klrl-nope,{os.environ['KLRL_CACHE']}",
+    proc = run_klrl("train", "-m", *FAST, "steps=1", f"cache_dir={broken_cache(tmp_path)},{os.environ['KLRL_CACHE']}",
                     f"hydra.sweep.dir={sweep}", "hydra.sweep.subdir=${hydra.job.num}", cwd=tmp_path)
     assert proc.returncode != 0 and "run failed" in proc.stderr
     assert read_json(sweep / "0" / SUMMARY)["status"] == "failed"

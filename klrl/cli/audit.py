@@ -10,6 +10,7 @@ line, exit 2, before any work.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from dataclasses import asdict
@@ -17,10 +18,13 @@ from dataclasses import asdict
 import torch
 
 from klrl.cli.compose import compose as compose_config
+from klrl.config.constraints import Int, NonEmpty, NonNegative, flag, unwritable
+from klrl.config.schema import MAX_SEED
 from klrl.errors import AuditError, ConfigError
 
 MAX_GROUPS = 2**18  # N**G groups enumerated per configuration (N responses)
 MAX_ROWS = 4096  # N * T per-token score vectors: the Jacobian and its Gram matrix are that size squared
+MAX_LENGTH = 64  # longest response (--length, --sweep-lengths) and largest vocabulary and group considered at all
 AUTO_SWEEP_GROUPS = 2**13  # the default length sweep stops where it would get slow
 # Groups of `klrl train` overrides that change the loss the exact audit enumerates; the rest (model, task, ...)
 # only matter to --mc, whose policy is a real model.
@@ -34,35 +38,44 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parser() -> argparse.ArgumentParser:
+    """The options, each with its declared range (klrl.config.constraints): a value outside it is one line."""
     p = _Parser(prog="klrl audit",
                 description="Exact (or Monte-Carlo) bias and variance of the gradient of every KL configuration, "
                             "through the loss `klrl train` runs with the same overrides.")
+    size = {n: flag(Int(n, MAX_LENGTH), int) for n in (1, 2)}  # the sizes an enumeration may have
+    distance = flag(NonNegative())
     p.add_argument("overrides", nargs="*", help="`klrl train` overrides, e.g. algo=grpo estimator=k3 placement=loss "
                    "generation.temperature=0.7 (default: every KL configuration under algo=rloo)")
-    p.add_argument("--vocab", type=int, default=3, help="vocabulary size V of the enumerable policy (default 3)")
-    p.add_argument("--length", type=int, default=3, help="longest response T, the generation budget (default 3)")
+    p.add_argument("--vocab", type=size[2], default=3, help="vocabulary size V of the enumerable policy (default 3)")
+    p.add_argument("--length", type=size[1], default=3, help="longest response T, the generation budget (default 3)")
     p.add_argument("--no-eos", action="store_true", help="every response has length T (default: token V-1 is EOS)")
-    p.add_argument("--group-size", type=int, default=2, help="samples per group G (default 2; algo.group_size is "
-                   "too large to enumerate)")
+    p.add_argument("--group-size", type=size[2], default=2,
+                   help="samples per group G (default 2; algo.group_size is too large to enumerate)")
     p.add_argument("--baseline", help="shorthand for the override algo.baseline=B")
-    p.add_argument("--distance", type=float, default=0.5, help="std of the per-logit noise taking pi away from pi_ref "
-                   "(default 0.5; the transformer's weights move 0.1x this)")
-    p.add_argument("--off-distance", type=float, default=0.5, help="the same for pi_old away from pi (default 0.5)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random policies (default 0)")
-    p.add_argument("--config", action="append", metavar="PATTERN",
+    p.add_argument("--distance", type=distance, default=0.5, help="std of the per-logit noise taking pi away from "
+                   "pi_ref (default 0.5; the transformer's weights move 0.1x this)")
+    p.add_argument("--off-distance", type=distance, default=0.5,
+                   help="the same for pi_old away from pi (default 0.5)")
+    p.add_argument("--seed", type=flag(Int(0, MAX_SEED), int), default=0,
+                   help="seed of the random policies (default 0)")
+    p.add_argument("--config", action="append", metavar="PATTERN", type=flag(NonEmpty(), str),
                    help="configurations to audit (glob, repeatable, comma lists; default all)")
     p.add_argument("--policy", default="both", choices=("tabular", "transformer", "both"), help="parametrisation(s)")
-    p.add_argument("--sweep-vocab", type=int, default=2, help="V of the length sweep (default 2, binary tokens)")
+    p.add_argument("--sweep-vocab", type=size[2], default=2, help="V of the length sweep (default 2, binary tokens)")
     p.add_argument("--sweep-lengths", default="auto", help="T values of the sweep: 1-6, 1,2,4, auto, or none")
-    p.add_argument("--sweep-seeds", type=int, default=4, help="random policy pairs averaged per length (default 4)")
+    p.add_argument("--sweep-seeds", type=flag(Int(1, 10**4), int), default=4,
+                   help="random policy pairs averaged per length (default 4)")
     p.add_argument("--json", metavar="PATH", help="write every number here")
     p.add_argument("--plot", metavar="PATH", help="write the bias/variance-against-T plot (PNG) here")
     p.add_argument("--markdown", action="store_true",
                    help="print the README's verdict tables (generated, never typed) and exit")
     p.add_argument("--mc", action="store_true", help="Monte-Carlo mode on a real model (model=..., task=...)")
-    p.add_argument("--batches", type=int, default=200, help="--mc: paired test batches (default 200)")
-    p.add_argument("--pilot", type=int, default=200, help="--mc: pilot batches of the reference (default 200)")
-    p.add_argument("--noise", type=float, default=0.05, help="--mc: relative weight noise taking pi away from pi_ref")
+    p.add_argument("--batches", type=flag(Int(8, 10**7), int), default=200,
+                   help="--mc: paired test batches (default 200)")
+    p.add_argument("--pilot", type=flag(Int(1, 10**7), int), default=200,
+                   help="--mc: pilot batches of the reference (default 200)")
+    p.add_argument("--noise", type=flag(NonNegative()), default=0.05,
+                   help="--mc: relative weight noise taking pi away from pi_ref")
     return p
 
 
@@ -71,10 +84,14 @@ def _check_size(what: str, V: int, T: int, G: int, eos: bool) -> None:
 
     n = len(enumerate_sequences(V, T, V - 1 if eos else None)[0]) if V**T <= 10**6 else V**T
     if n**G > MAX_GROUPS:
-        raise AuditError(f"{what} V={V} T={T} G={G} needs N^G = {n}^{G} = {n**G:.3g} groups to enumerate; "
+        raise AuditError(f"{what} V={V} T={T} G={G} needs N^G = {_big(n)}^{G} = {_big(n**G)} groups to enumerate; "
                          f"the limit is {MAX_GROUPS} (lower the vocabulary, the length or --group-size)")
     if n * T > MAX_ROWS:
         raise AuditError(f"{what} V={V} T={T} has N*T = {n * T} per-token score vectors; the limit is {MAX_ROWS}")
+
+
+def _big(x: int) -> str:
+    return f"{x:.3g}" if x < 10**300 else f"~1e{int(x.bit_length() * math.log10(2))}"
 
 
 def _lengths(spec: str, V: int, G: int, eos: bool) -> list[int]:
@@ -85,13 +102,13 @@ def _lengths(spec: str, V: int, G: int, eos: bool) -> list[int]:
     try:
         if "-" in spec:
             lo, hi = (int(x) for x in spec.split("-"))
-            out = list(range(lo, hi + 1))
+            out = list(range(lo, min(hi, MAX_LENGTH + 1) + 1))
         else:
             out = [int(x) for x in spec.split(",")]
     except ValueError:
         raise AuditError(f"--sweep-lengths {spec!r} is not valid; use e.g. 1-6, 1,2,4, auto or none") from None
-    if not out or min(out) < 1:
-        raise AuditError(f"--sweep-lengths {spec!r} must list lengths >= 1")
+    if not out or min(out) < 1 or max(out) > MAX_LENGTH:
+        raise AuditError(f"--sweep-lengths {spec!r} must list lengths in 1..{MAX_LENGTH}")
     for T in out:
         _check_size("--sweep-lengths:", V, T, G, False)
     return out
@@ -128,22 +145,9 @@ def validate(a: argparse.Namespace):
         configs = [from_config(cfg)] if named else select(patterns, float(cfg.beta), clamps)
     except ValueError as e:
         raise AuditError(str(e)) from None
-    if a.mc:
-        if a.batches < 8 or a.pilot < 1:
-            raise AuditError(f"--batches {a.batches} / --pilot {a.pilot}: need >= 8 test batches and >= 1 pilot batch")
+    if a.mc:  # the numbers' ranges are declared with the options (parser)
         return cfg, configs
-    if a.vocab < 2 or a.length < 1:
-        raise AuditError(f"--vocab {a.vocab} / --length {a.length}: need a vocabulary >= 2 and a length >= 1")
-    if a.sweep_vocab < 2:
-        raise AuditError(f"--sweep-vocab {a.sweep_vocab}: need >= 2")
-    if a.group_size < 2:
-        raise AuditError(f"--group-size {a.group_size} is too small; a group needs >= 2 samples "
-                         "(the single-sample estimator is reported in the 'var 1' column)")
-    if a.distance < 0 or a.off_distance < 0:
-        raise AuditError("--distance and --off-distance must be >= 0")
     _check_size("--vocab/--length/--group-size:", a.vocab, a.length, a.group_size, not a.no_eos)
-    if a.sweep_seeds < 1:
-        raise AuditError(f"--sweep-seeds {a.sweep_seeds}: need >= 1")
     a.lengths = _lengths(a.sweep_lengths, a.sweep_vocab, a.group_size, not a.no_eos)
     return cfg, configs
 
@@ -212,20 +216,9 @@ def run_exact(a: argparse.Namespace, cfg, configs: list) -> dict:
 
 def _check_writable(path: str | None, what: str) -> None:
     """Before the work: an output path that cannot be written fails now, not after the whole audit."""
-    if not path:
-        return
-    from pathlib import Path
-
-    target = Path(path)
-    parent = target.parent if str(target.parent) else Path(".")
-    probe = parent
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    import os
-
-    if target.is_dir() or not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK) or (
-            target.exists() and not os.access(target, os.W_OK)):
-        raise AuditError(f"{what} {path}: cannot write there")
+    why = path is not None and unwritable(path, "file")
+    if why:
+        raise AuditError(f"{what} {path} cannot be written ({why}); choose another path")
 
 
 def main(argv: list[str]) -> None:
@@ -359,7 +352,7 @@ def readme_tables() -> str:
         rows.append(row)
     toy = DEFAULT_TOY
     out = [f"<!-- generated by `klrl audit --markdown` (exact enumeration, tabular toy V={toy.vocab} with EOS, "
-           f"T<={toy.length}, G={toy.group_size}); tests/test_readme_tables.py regenerates and compares -->", "",
+           f"T<={toy.length}, G={toy.group_size}); tests/test_verdict_sources.py regenerates and compares -->", "",
            pd.DataFrame(rows).to_markdown(index=False), ""]
     sens = beta_sensitivity("grpo", ["k1-reward", "k3-reward", "k3-loss"])
     srows = []

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -64,6 +63,7 @@ def load_run_config(run_dir: Path):
 
 def settle(cfg, args: argparse.Namespace) -> None:
     """The command line's settings over the run's, validated like any config."""
+    from klrl.config.constraints import unwritable
     from klrl.config.validate import validate
 
     for key, value in (("eval.n_samples", args.n_samples), ("eval.temperature", args.temperature),
@@ -73,8 +73,9 @@ def settle(cfg, args: argparse.Namespace) -> None:
             (cfg[node] if node else cfg)[leaf] = value
     validate(cfg)
     out = args.run_dir / EVALS
-    if not os.access(args.run_dir, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
-        raise ConfigError(f"{out} cannot be written; evaluate a run directory you can write to")
+    why = unwritable(out, "file")
+    if why:
+        raise ConfigError(f"{out} cannot be written ({why}); evaluate a run directory you can write to")
 
 
 def evaluate_run(args: argparse.Namespace) -> dict:

@@ -17,6 +17,8 @@ and the SLURM job of each. NAME means outputs/sweeps/NAME.
 
 
 def resolve_sweep_dir(arg: str) -> Path:
+    if not arg.strip():  # Path('') would quietly mean the working directory
+        raise FileNotFoundError(f"{arg!r} is not a sweep directory; give a directory or a sweep name")
     path = Path(arg)
     if path.is_dir():
         return path.resolve()
@@ -32,20 +34,22 @@ def resolve_sweep_dir(arg: str) -> Path:
 def main(args: list[str]) -> None:
     from klrl.cli.train import fail
 
-    as_json = "--json" in args
-    rest = [a for a in args if a != "--json"]
-    if not rest or rest[0] in ("-h", "--help") or len(rest) > 1:
-        bad = not rest or len(rest) > 1
-        print(USAGE, end="", file=sys.stderr if bad else sys.stdout)
-        if bad:
-            sys.exit(2)
+    if any(a in ("-h", "--help") for a in args):
+        print(USAGE, end="")
         return
+    flags = [a for a in args if a.startswith("-")]
+    rest = [a for a in args if not a.startswith("-")]
+    unknown = [a for a in flags if a != "--json"]
+    if unknown:
+        fail(f"status: unknown option {unknown[0]!r}; choose from: --json, --help")
+    if len(rest) != 1:
+        fail(f"status: give one sweep directory or name, not {len(rest)} (usage: klrl status SWEEP_DIR|NAME [--json])")
     try:
         sweep_dir = resolve_sweep_dir(rest[0])
     except FileNotFoundError as e:
         fail(str(e))
     states = collect(sweep_dir)
-    if as_json:
+    if "--json" in flags:
         print(json.dumps({"sweep_dir": str(sweep_dir), "runs": [asdict(s) for s in states]}, indent=2))
     else:
         print(render(states, sweep_dir))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from klrl.cli.compose import compose
+from klrl.cli.compose import compose, distinct_runs, output_dir
 from klrl.errors import ConfigError
 from klrl.paths import CONF_DIR
 from klrl.runs.sweep import SWEEP_ROOT, Grid, _key, available, expand, load_grid, split_hydra
@@ -32,23 +32,19 @@ grids: {grids}
 
 def check_jobs(jobs: list[list[str]], conf_dir: str | None = None, hydra_args: list[str] = ()) -> list[str]:
     """Compose and validate every run (with the launch's hydra overrides, so that a launcher key the chosen
-    launcher lacks fails here too); returns each run's directory name (hydra.sweep.subdir).
+    launcher lacks fails here too), and the sweep directory; returns each run's directory name (hydra.sweep.subdir).
 
     Raises ConfigError naming the grid point, or two points that would write to the same run directory.
     """
-    subdirs: dict[str, list[str]] = {}
+    configs = []
     for job in jobs:
-        where = " ".join(job) or "(defaults)"
         try:
-            cfg = compose([*hydra_args, *job], hydra=True)
-            subdir = str(cfg.hydra.sweep.subdir)
+            configs.append(compose([*hydra_args, *job], hydra=True))
         except ConfigError as e:
-            raise ConfigError(f"run [{where}]: {e}") from None
-        if subdir in subdirs:
-            raise ConfigError(f"runs [{' '.join(subdirs[subdir])}] and [{where}] would share the run directory "
-                              f"{subdir!r}; make them differ in a key that names run directories")
-        subdirs[subdir] = job
-    return list(subdirs)
+            raise ConfigError(f"run [{' '.join(job) or '(defaults)'}]: {e}") from None
+    for sweep_dir in sorted({str(c.hydra.sweep.dir) for c in configs}):
+        output_dir("hydra.sweep.dir", sweep_dir)
+    return distinct_runs(jobs, configs)
 
 
 def _exclude_keys() -> list[str]:
@@ -96,18 +92,28 @@ def hydra_argv(grid: Grid, user_overrides: list[str], wait: bool) -> tuple[list[
     return [*hydra_args, *file_hydra, *user_hydra], [*file_task, *user_task]
 
 
+def read_grid(name: str) -> Grid:
+    """The grid file, or ConfigError (one line) when it cannot be read as one."""
+    try:
+        return load_grid(name)
+    except ConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001 (YAML syntax, unreadable file: OmegaConf's multi-line errors)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ConfigError(f"grid {name}: cannot be read ({type(e).__name__}: {first})") from None
+
+
 def main(args: list[str]) -> None:
     from klrl.cli.train import fail
 
     try:
         name, flags, overrides = parse_args(args)
-        if flags["help"] or name is None:
-            bad = name is None and not flags["help"]
-            print(USAGE.format(grids=", ".join(available())), end="", file=sys.stderr if bad else sys.stdout)
-            if bad:
-                sys.exit(2)
+        if flags["help"]:
+            print(USAGE.format(grids=", ".join(available())), end="")
             return
-        grid = load_grid(name)
+        if name is None:
+            raise ConfigError(f"sweep: give a grid (klrl sweep NAME|FILE.yaml); choose from: {', '.join(available())}")
+        grid = read_grid(name)
         hydra_args, task_args = hydra_argv(grid, overrides, flags["wait"])
         jobs = expand(grid.subgrids, task_args)
         subdirs = check_jobs(jobs, hydra_args=hydra_args)

@@ -21,7 +21,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from klrl.cli.compose import preflight, register_configs, split_args
+from klrl.cli.compose import canonical, output_dir, parse_args, preflight, register_configs, split_args
 from klrl.errors import ConfigError
 from klrl.paths import CONF_DIR
 from klrl.runs.rundir import RESUMABLE
@@ -51,8 +51,8 @@ def make_dirs(path: Path, exist_ok: bool) -> Path:
     """Create `path` (and missing parents), noting which this process created; ConfigError (one line) if it
     cannot be created. exist_ok=False picks the first free `path`, `path_2`, ... (mkdir is atomic: two runs
     started in the same second get two directories)."""
-    ancestors = [p for p in path.parents if not p.exists()][::-1]
     try:
+        ancestors = [p for p in path.parents if not p.exists()][::-1]
         path.parent.mkdir(parents=True, exist_ok=True)
         CREATED.extend(ancestors)
         if exist_ok and path.is_dir():
@@ -74,11 +74,9 @@ def make_dirs(path: Path, exist_ok: bool) -> Path:
 
 def choose_run_dir(args: list[str], cfg: DictConfig) -> list[str]:
     """A single run's directory, created now; the arguments that point Hydra at it."""
-    explicit = [a for a in args if a.split("=", 1)[0].lstrip("+") == "hydra.run.dir"]
-    if explicit:
-        value = explicit[-1].split("=", 1)[1].strip().strip("'\"")
-        if not value:
-            raise ConfigError("hydra.run.dir='' is not valid; give a directory (or leave it out for a named one)")
+    if any(a.split("=", 1)[0].lstrip("+") == "hydra.run.dir" for a in args):
+        value = str(cfg.hydra.run.dir)
+        output_dir("hydra.run.dir", value)
         make_dirs(Path(value).expanduser(), exist_ok=True)
         return args
     overrides, _, _ = split_args(args)
@@ -110,9 +108,11 @@ def _rmdir(path: Path) -> None:
 
 
 def main(args: list[str]) -> None:
+    CREATED.clear()  # what an earlier command of this process created is not this one's to remove
     try:
         configs = preflight(args)
-        single = configs and len(configs) == 1 and "-m" not in args and "--multirun" not in args
+        args = canonical(parse_args(args))  # flags first, as Hydra's parser needs them
+        single = configs and len(configs) == 1 and "-m" not in args
         if single and not any(a.split("=")[0] in INFO_FLAGS for a in args):
             args = choose_run_dir(args, configs[0])
     except ConfigError as e:
@@ -142,7 +142,7 @@ def train_main(cfg: DictConfig) -> str:
             raise RuntimeError(f"klrl: {e}") from None
         fail(str(e))
     except (Exception, KeyboardInterrupt) as e:  # the trainer has marked the run failed in its summary
-        log.error("run failed", exc_info=True)
+        logging.getLogger("klrl.trace").error("run failed", exc_info=True)  # train.log, once the run has one
         if sweeping and not isinstance(e, KeyboardInterrupt):
             raise RuntimeError(f"run failed ({type(e).__name__}: {e}); see {run_dir}") from None
         fail(f"run failed ({type(e).__name__}: {e}); see {run_dir}", code=1)

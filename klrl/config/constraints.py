@@ -10,9 +10,14 @@ A constraint is a callable `value -> None | reason`, with `valid` saying in word
 
 from __future__ import annotations
 
+import argparse
 import math
+import os
+import re
+import tempfile
 from dataclasses import MISSING, field
 from numbers import Real
+from pathlib import Path
 from typing import Any, Callable, Iterable
 
 CHECKS = "klrl_checks"  # the dataclass field metadata key
@@ -103,6 +108,15 @@ class NonEmpty(Constraint):
         return isinstance(value, str) and bool(value.strip())
 
 
+class Name(Constraint):
+    """A plain name, safe inside a file name (a cache path, a run directory): letters, digits and . _ + -."""
+
+    valid = "a name of letters, digits and . _ + - (not starting with .)"
+
+    def __call__(self, value: Any) -> bool:
+        return isinstance(value, str) and re.fullmatch(r"[\w+-][\w.+-]*", value, re.ASCII) is not None
+
+
 class Each(Constraint):
     """A list of exactly `length` items (any length when None), each passing `item`."""
 
@@ -116,3 +130,63 @@ class Each(Constraint):
         except TypeError:
             return False
         return (self.length is None or len(items) == self.length) and all(self.item(v) for v in items)
+
+
+class Writable(Constraint):
+    """A path klrl can write: a directory (kind="dir") or a file (kind="file") that exists and can be written, or
+    can be created under its nearest existing parent. Checked by trying (`unwritable`), which leaves nothing."""
+
+    def __init__(self, kind: str = "dir"):
+        self.kind = kind
+        self.valid = f"a path where a {'directory' if kind == 'dir' else 'file'} can be created and written"
+
+    def __call__(self, value: Any) -> bool:
+        return isinstance(value, (str, os.PathLike)) and unwritable(value, self.kind) is None
+
+
+NAME_MAX, PATH_MAX = 255, 4096  # bytes of one path component and of a whole path (Linux)
+
+
+def unwritable(path: str | os.PathLike, kind: str = "dir") -> str | None:
+    """Why `path` cannot be written as a directory (kind="dir") or a file, or None. Creates nothing that stays: it
+    probes the nearest existing directory by making (and removing) a temporary directory in it."""
+    text = os.fspath(path)
+    if not text.strip():
+        return "the path is empty"
+    p = Path(text).expanduser()
+    if any(len(os.fsencode(part)) > NAME_MAX for part in p.parts):
+        return f"a name in it is longer than {NAME_MAX} bytes"
+    if len(os.fsencode(str(p.absolute()))) >= PATH_MAX:
+        return f"it is longer than {PATH_MAX - 1} bytes"
+    try:
+        if p.is_dir() and kind == "file":
+            return "it is a directory"
+        if p.exists() and not p.is_dir() and kind == "dir":
+            return "it exists and is not a directory"
+        if p.exists() and kind == "file" and not os.access(p, os.W_OK):
+            return "the file is read-only"
+        probe = p if p.is_dir() else p.parent
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        if not probe.is_dir():
+            return f"{probe} is not a directory"
+        os.rmdir(tempfile.mkdtemp(prefix=".klrl-probe-", dir=probe))
+    except OSError as e:
+        return e.strerror or type(e).__name__
+    return None
+
+
+def flag(constraint: Constraint, parse: Callable[[str], Any] = float) -> Callable[[str], Any]:
+    """An argparse `type`: parse the text, then check it against a declared constraint (one-line message)."""
+
+    def convert(text: str) -> Any:
+        try:
+            value = parse(text)
+        except ValueError:
+            value = text
+        if not constraint(value):
+            shown = text if text and text.strip() == text else repr(text)
+            raise argparse.ArgumentTypeError(f"{shown} is not valid; it must be {constraint.valid}")
+        return value
+
+    return convert

@@ -14,7 +14,7 @@ from typing import Any, List, Optional
 
 from omegaconf import MISSING
 
-from klrl.config.constraints import Each, Int, NonEmpty, NonNegative, OneOf, Positive, Range, knob
+from klrl.config.constraints import Each, Int, Name, NonEmpty, NonNegative, OneOf, Positive, Range, Writable, knob
 from klrl.core.estimators import ESTIMATORS
 from klrl.core.losses import AGGREGATIONS, BASELINES, REWARD_FORMS
 from klrl.errors import ConfigError
@@ -27,7 +27,7 @@ MAX_SEED = 2**32 - 1
 
 @dataclass
 class ModelConfig:
-    name: str = knob(MISSING, NonEmpty())
+    name: str = knob(MISSING, Name())  # names the warm-start cache entry and the run's rows in `klrl table`
     source: str = MISSING  # each source's schema constrains it to its own name
     dtype: str = knob("float32", OneOf(*DTYPE_NAMES))  # the dtype forward and backward passes compute in
     # Master weights (what AdamW updates) when they differ from dtype: bf16 weights lose any update below ~0.4% of
@@ -63,7 +63,7 @@ class PlacementConfig:
 
 @dataclass
 class AlgoConfig:
-    name: str = knob(MISSING, NonEmpty())
+    name: str = knob(MISSING, Name())
     baseline: str = knob("rloo", OneOf(*BASELINES))
     group_size: int = knob(8, Int(1, 2**16))
     prompts_per_step: int = knob(32, Int(1, 2**20))
@@ -164,7 +164,10 @@ class TrainConfig:
     # true: continue, and refuse when there is nothing to continue; false: refuse a directory with a checkpoint.
     resume: Any = knob("auto", OneOf("auto", True, False))
     ckpt_every: int = knob(50, Int(1))
+    # Log the exact KL, the entropy and every estimator's value every this many steps (they cost a full-vocabulary
+    # pass over the policy's and the reference's logits); the loss and its own statistics are logged every step.
+    extras_every: int = knob(1, Int(1))
     device: str = knob("auto", OneOf("auto", "cpu", "cuda"))
-    cache_dir: str = knob("${oc.env:KLRL_CACHE,${oc.env:HOME}/.cache/klrl}", NonEmpty())
+    cache_dir: str = knob("${oc.env:KLRL_CACHE,${oc.env:HOME}/.cache/klrl}", NonEmpty(), Writable())  # warm starts
     progress: bool = True
     tensorboard: bool = True

@@ -26,25 +26,47 @@ def _show(value: Any) -> str:
     return repr(value) if isinstance(value, str) else str(value)
 
 
+def _what(checks: tuple, kind: Any = None) -> str:
+    """What a field accepts, in words: its first declared constraint, or its type."""
+    if checks:
+        c = checks[0]
+        return f"choose from: {', '.join(map(str, c.choices))}" if isinstance(c, OneOf) else f"it must be {c.valid}"
+    name = str(getattr(kind, "__name__", kind))
+    if name in ("bool", "Optional[bool]"):
+        return "it must be true or false"
+    if name.endswith("Config"):  # a structured node: a config group or a block of keys
+        return "it is a block of keys: override them one by one (block.key=value)"
+    return f"it must be of type {name}" if kind is not None else "give it a value"
+
+
 def _refuse(key: str, value: Any, constraint) -> ConfigError:
-    what = f"choose from: {', '.join(map(str, constraint.choices))}" if isinstance(constraint, OneOf) \
-        else f"it must be {constraint.valid}"
-    return ConfigError(f"{key}={_show(value)} is not valid; {what}")
+    return ConfigError(f"{key}={_show(value)} is not valid; {_what((constraint,))}")
 
 
-def _unknown(key: str, known: list[str]) -> ConfigError:
-    leaf = key.rsplit(".", 1)[-1]
+def unknown_key(key: str, known: list[str]) -> ConfigError:
+    """`key` is not a key; suggest the closest of `known` (the keys beside it), or list them."""
+    where, _, leaf = key.rpartition(".")
     near = difflib.get_close_matches(leaf, known, n=3, cutoff=0.5)
-    where = key.rsplit(".", 1)[0] if "." in key else "the top level"
-    hint = f"did you mean {', '.join(key.replace(leaf, n) for n in near)}?" if near else \
-        f"valid keys at {where}: {', '.join(known)}"
-    return ConfigError(f"unknown key {key!r}; {hint}")
+    if near:
+        names = ", ".join(f"{where}.{n}" if where else n for n in near)
+        return ConfigError(f"unknown key {key!r}; did you mean {names}?")
+    return ConfigError(f"unknown key {key!r}; valid keys at {where or 'the top level'}: {', '.join(known)}")
+
+
+def _field_value(node: DictConfig, key: str, full: str, f: dataclasses.Field) -> Any:
+    """node[key], or ConfigError (one line) when it is unset or cannot be read."""
+    if OmegaConf.is_missing(node, key):
+        raise ConfigError(f"{full} is not set; {_what(f.metadata.get(CHECKS, ()), f.type)}")
+    try:
+        return node[key]
+    except OmegaConfBaseException as e:  # a broken interpolation
+        raise ConfigError(f"{full}: {str(e).splitlines()[0]}") from None
 
 
 def check_fields(node: DictConfig, root: DictConfig, prefix: str = "", hooks: list | None = None) -> None:
-    """Walk a structured node: refuse keys its schema lacks, check every declared constraint, recurse, and note
-    each schema's `check(node, root)` hook (model sources and tasks know things the schema cannot say), which
-    run once every field has passed."""
+    """Walk a structured node: refuse keys its schema lacks and keys it needs that are gone (`~key`), check every
+    declared constraint, recurse, and note each schema's `check(node, root)` hook (model sources and tasks know
+    things the schema cannot say), which run once every field has passed."""
     top = hooks is None
     hooks = [] if top else hooks
     schema = OmegaConf.get_type(node)
@@ -52,22 +74,22 @@ def check_fields(node: DictConfig, root: DictConfig, prefix: str = "", hooks: li
         return
     fields = {f.name: f for f in dataclasses.fields(schema)}
     for key in node.keys():
+        if key not in fields and not (key == "hydra" and not prefix):  # Hydra's own node: Hydra checks it
+            raise unknown_key(f"{prefix}{key}", sorted(fields))
+    present = set(node.keys())  # `key in node` is False for a key whose value is missing (???)
+    for key, f in fields.items():
         full = f"{prefix}{key}"
-        if not prefix and key == "hydra":  # Hydra's own node, when composed with it; Hydra checks its schema
-            continue
-        if key not in fields:
-            raise _unknown(full, sorted(fields))
-        try:
-            value = node[key]
-        except OmegaConfBaseException as e:  # a broken interpolation, a missing mandatory value
-            raise ConfigError(f"{full}: {str(e).splitlines()[0]}") from None
+        if key not in present:
+            raise ConfigError(f"~{full} removes a key every run needs; set {full} instead "
+                              f"({_what(f.metadata.get(CHECKS, ()), f.type)})")
+        value = _field_value(node, key, full, f)
         if isinstance(value, DictConfig):
             check_fields(value, root, f"{full}.", hooks)
             continue
-        if value is None or OmegaConf.is_missing(node, key):
+        if value is None:
             continue
         plain = OmegaConf.to_container(value, resolve=True) if isinstance(value, ListConfig) else value
-        for constraint in fields[key].metadata.get(CHECKS, ()):
+        for constraint in f.metadata.get(CHECKS, ()):
             if not constraint(plain):
                 raise _refuse(full, plain, constraint)
     hook: Callable | None = getattr(schema, "check", None)

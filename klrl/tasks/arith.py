@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from klrl.config.constraints import Int, knob
+from klrl.config.constraints import Int, OneOf, knob
 from klrl.config.schema import TaskConfig
 from klrl.errors import ConfigError
 from klrl.tasks.base import Problem, Task
@@ -21,6 +21,7 @@ from klrl.tasks.base import Problem, Task
 class ArithTaskConfig(TaskConfig):
     """Synthetic addition: in-domain operands of `digits` digits, out-of-domain `ood_digits`."""
 
+    name: str = knob("arith", OneOf("arith"))  # this schema's task: task.name picks no other
     digits: int = knob(2, Int(1, 6))
     ood_digits: int = knob(1, Int(1, 6))
 

@@ -17,7 +17,7 @@ import json
 import random
 from dataclasses import dataclass
 
-from klrl.config.constraints import Int, knob
+from klrl.config.constraints import Int, OneOf, knob
 from klrl.config.schema import TaskConfig
 from klrl.errors import ConfigError
 from klrl.tasks.base import Problem, Task
@@ -25,6 +25,7 @@ from klrl.tasks.base import Problem, Task
 
 @dataclass
 class CountdownTaskConfig(TaskConfig):
+    name: str = knob("countdown", OneOf("countdown"))  # this schema's task: task.name picks no other
     min_numbers: int = knob(3, Int(2, 12))
     max_numbers: int = knob(4, Int(2, 12))
     ood_min_numbers: int = knob(5, Int(2, 12))

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import List
 
 from klrl.tasks.checkers import last_boxed
+from klrl.config.constraints import OneOf, knob
 from klrl.config.schema import TaskConfig
 from klrl.errors import ConfigError
 from klrl.tasks.base import Problem, Task
@@ -32,6 +33,7 @@ INSTRUCTION = "Please reason step by step, and put your final answer within \\bo
 
 @dataclass
 class MathTaskConfig(TaskConfig):
+    name: str = knob("math", OneOf("math"))  # this schema's task: task.name picks no other
     train_data: DataSource = field(default_factory=lambda: DataSource(path="EleutherAI/hendrycks_math"))
     train_subjects: List[str] = field(default_factory=lambda: list(SUBJECTS))
     eval_data: DataSource = field(default_factory=lambda: DataSource(path="HuggingFaceH4/MATH-500"))

@@ -12,6 +12,7 @@ import random
 from dataclasses import dataclass, field
 from typing import List
 
+from klrl.config.constraints import OneOf, knob
 from klrl.config.schema import TaskConfig
 from klrl.errors import ConfigError
 from klrl.tasks.base import Problem, Task
@@ -24,6 +25,7 @@ SPLITS = ("dev", "validation", "test")
 
 @dataclass
 class MmluTaskConfig(TaskConfig):
+    name: str = knob("mmlu_college", OneOf("mmlu_college"))  # this schema's task: task.name picks no other
     data: DataSource = field(default_factory=lambda: DataSource(path="cais/mmlu"))
     subjects: List[str] = field(default_factory=lambda: list(COLLEGE))
     train_splits: List[str] = field(default_factory=lambda: ["dev", "validation"])
