@@ -1,4 +1,4 @@
-"""`klrl audit`: its verdicts against theory (paper.md §1.3-1.4), its exact variance against brute force, the
+"""`klrl audit`: its verdicts against theory (docs/theory.md §1.3-1.4), its exact variance against brute force, the
 off-policy table, the Monte-Carlo estimator against the exact answer, and the command line."""
 
 from __future__ import annotations

@@ -86,18 +86,3 @@ def test_klrl_imports_only_in_the_adapter():
             if any(n == "klrl" or n.startswith("klrl.") for n in names):
                 importers.add(f.name)
     assert importers == {"klrl_adapter.py"}
-
-
-def test_shapes_match_bench_gpu():
-    """The kit's Qwen2.5 shapes are benchmarks/bench_gpu.py's."""
-    bench = REPO / "benchmarks" / "bench_gpu.py"
-    if not bench.exists():
-        pytest.skip("benchmarks/bench_gpu.py is gone")
-
-    def shapes(path: Path) -> str:
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == "SHAPES":
-                return ast.unparse(node.value)
-        raise AssertionError(f"no SHAPES in {path}")
-
-    assert shapes(KIT / "workload.py") == shapes(bench)

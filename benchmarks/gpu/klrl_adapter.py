@@ -2,7 +2,7 @@
 
 klrl's trainer is being refactored; when an import path moves, this file (and nothing else in the kit) changes.
 What it must keep doing: compose klrl's own config for the workload, set the policy and reference up as
-`klrl.trainer.train` does (FSDP-of-1 with float32 masters and bf16 compute, or pure bf16), and run klrl's real
+`klrl.training` does (FSDP-of-1 with float32 masters and bf16 compute, or pure bf16), and run klrl's real
 generation backend (`make_generator(...).generate`, the trainer's hf path) and klrl's real `update` (policy and
 reference forward, the KL-regularised loss, backward, clipping, AdamW), then `generator.sync` as the trainer does
 after each optimizer step.

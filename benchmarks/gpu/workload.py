@@ -1,6 +1,6 @@
 """What both sides of the GPU kit run, and how they time and report it (no klrl import here: see klrl_adapter.py).
 
-The workload is benchmarks/bench_gpu.py's: a randomly initialised Qwen2.5-shaped causal LM (real-size architecture,
+The workload: a randomly initialised Qwen2.5-shaped causal LM (real-size architecture,
 nothing downloaded), PROMPTS prompts x GROUP samples per step, PROMPT_LEN random prompt ids, NEW_TOKENS sampled
 tokens at temperature 1, a random 0/1 reward per sequence, k3 KL in the loss with beta 0.05, one AdamW step (lr 1e-6)
 per batch over micro-batches of MICRO sequences, activation checkpointing on. Steps 1..warmup are dropped; medians
@@ -18,8 +18,7 @@ import time
 from pathlib import Path
 
 # Qwen2.5 shapes from their published configs (vocab 151936: what the logits and the embedding cost); "smoke" is a
-# seconds-long CPU check of the kit itself. Same dicts as SHAPES in benchmarks/bench_gpu.py (tests/test_gpu_kit.py
-# checks that they stay equal).
+# seconds-long CPU check of the kit itself.
 SHAPES = {
     "qwen2.5-0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
                          num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
@@ -34,7 +33,7 @@ PRECISIONS = {
     # klrl: FSDP-of-1 (model.fsdp=true, model.param_dtype=float32, model.dtype=bfloat16), reference in bf16.
     # TRL: float32 weights (policy and reference) + Trainer bf16=True (bf16 autocast) on CUDA.
     "mixed": "float32 master weights, bf16 compute",
-    # both: bf16 weights, no master copy (klrl --pure-bf16 in bench_gpu.py)
+    # both: bf16 weights, no master copy (klrl: model.dtype=bfloat16 without FSDP)
     "bf16": "pure bf16",
 }
 

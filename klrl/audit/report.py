@@ -10,7 +10,7 @@ SCHEMA = "klrl.audit/2"
 LEGEND = """rev = grad KL(pi||pi_ref) (the objective's gradient); fwd = grad KL(pi_ref||pi) (sequence level);
 Fctx = sum_s P(s) grad KL(pi_ref(.|s)||pi(.|s)) (per-context forward KL);
 Rtok = sum_s P(s) grad KL(pi(.|s)||pi_ref(.|s)) (token-level partial reverse KL); @old: over pi_old's contexts.
-pi and pi_ref are the distributions sampled from (temperature, top-p; see klrl/distributions.py).
+pi and pi_ref are the distributions sampled from (temperature, top-p; see klrl/core/distributions.py).
 Gradients are per unit beta, task reward 0. cos n/a: the mean gradient is zero up to round-off.
 var = tr Cov of the gradient estimator: '1' one sample without baseline, 'G' one group with the baseline."""
 

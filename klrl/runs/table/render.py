@@ -117,8 +117,10 @@ def markdown(report: Report, roots: list[Path] | None = None) -> str:
                   "bootstrap 95% CI over eval problems (exact bounds in the CSV). Diverged runs count in stability, "
                   "not in the means. KL (kl/exact) and entropy: mean of the last steps of completed runs. "
                   f"Stability rule: {report.rule.describe()} (see docs/table.md).\n",
-                  "\n## Table 1 (paper.md §3): estimator × placement\n\n", md_table(display_table1(report)), "\n",
-                  "Gradient: theory (paper.md §1.3–1.4), on-policy unless marked off-policy. Ranks per model by the "
+                  "\n## Table 1 (the paper's Table 1, arXiv 2512.21852): estimator × placement\n\n",
+                  md_table(display_table1(report)), "\n",
+                  "Gradient: the exact verdict of `klrl audit` for the runs' configuration (docs/theory.md §1.3), "
+                  "on-policy unless marked off-policy. Ranks per model by the "
                   "best β's in-domain pass@1, OOD at that β; averaged over models.\n"]
     attention = _attention(report)
     if attention:
