@@ -43,6 +43,14 @@ ROWS = [
     ("estimator=k3 placement=reward placement.reward_form=togo", T["reverse_kl"] - T["context_forward"]),
     ("estimator=k3 placement=both", T["reverse_kl"]),
     ("estimator=k3 placement=loss placement.loss_is_weight=true", T["token_reverse"]),
+    # the framework presets' weights: on-policy, rho = 1 and the score weight exp(l - sg l) = 1 in value
+    ("estimator=k1 placement=loss placement.loss_weight=score", T["token_reverse"]),  # (delta + 1) grad l
+    ("estimator=k3 placement=loss placement.loss_weight=score", T["token_reverse"]),  # grad of sum_t E_pi[k3_t]
+    ("estimator=k1 placement=loss placement.loss_weight=detached_rho", T["token_reverse"]),  # sg(delta) grad l
+    ("estimator=k2 placement=loss placement.loss_weight=detached_rho", T["token_reverse"]),
+    ("estimator=k3 placement=loss placement.loss_weight=detached_rho", T["token_reverse"]),
+    ("estimator=k1 placement=reward placement.reward_logp=old", T["reverse_kl"]),  # old = current on-policy
+    ("estimator=k3 placement=loss placement.loss_agg=seq_sum algo.agg=token_mean", T["context_forward"]),
     ("estimator=none", ZERO),
 ]
 

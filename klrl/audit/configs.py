@@ -69,13 +69,26 @@ def all_configs(beta: float = 1.0, clamps: tuple[float | None, float | None] = (
     return out
 
 
+def _knob_suffix(spec: KLSpec) -> str:
+    """The framework presets' knobs in a configuration's name (`+score`, `+clampW`, `+oldR`, `+kl:token_mean`)."""
+    out = f"+{spec.loss_weight}" if spec.loss_weight != "none" else ""
+    out += ("+clampW" if spec.clamp_after_weight else "") + ("+oldR" if spec.reward_from_old else "")
+    return out + (f"+kl:{spec.loss_agg}" if spec.loss_agg else "")
+
+
 def from_config(cfg) -> AuditConfig:
-    """The KL configuration a composed `klrl train` config selects."""
+    """The KL configuration a composed `klrl train` config selects, named with every knob it sets (and with the
+    framework preset's name when `preset=` chose it)."""
     p = cfg.placement
     form = p.get("reward_form") or ("seqsum" if p.name in ("reward", "both") else None)
-    return AuditConfig(config_name(cfg.estimator.name, p.name, form, bool(p.get("reward_is_weight")),
-                                   bool(p.get("loss_is_weight"))), cfg.estimator.name, p.name, form,
-                       bool(p.get("reward_is_weight")), bool(p.get("loss_is_weight")), kl_spec(cfg))
+    spec = kl_spec(cfg)
+    name = config_name(cfg.estimator.name, p.name, form, bool(p.get("reward_is_weight")),
+                       bool(p.get("loss_is_weight"))) + _knob_suffix(spec)
+    preset = (cfg.get("preset") or {}).get("name")
+    if preset:  # a framework's setting (conf/preset/): its name first, then what it selects
+        name = f"{preset} ({name})"
+    return AuditConfig(name, cfg.estimator.name, p.name, form, bool(p.get("reward_is_weight")),
+                       bool(p.get("loss_is_weight")), spec)
 
 
 def select(patterns: list[str] | None, beta: float = 1.0,

@@ -4,8 +4,13 @@
     baseline: str = knob("rloo", OneOf(*BASELINES))
     micro_batch_size: Optional[int] = knob(None, Int(1))   # None passes: "unset" is always valid for Optional
 
-A constraint is a callable `value -> None | reason`, with `valid` saying in words what it accepts; the validator
+A constraint is a callable `value -> bool`, with `valid` saying in words what it accepts; the validator
 (`klrl.config.validate`) turns a failure into one line: `key=value is not valid; it must be <valid>`.
+
+A knob that only acts in some configurations declares where (`applies=`); set anywhere else it would be silently
+ignored, so the validator refuses it: `key=value has no effect <here>; it needs <where>`.
+
+    reward_form: Optional[str] = knob(None, OneOf(*REWARD_FORMS), applies=IN_REWARD)
 """
 
 from __future__ import annotations
@@ -20,14 +25,30 @@ from numbers import Real
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-CHECKS = "klrl_checks"  # the dataclass field metadata key
+CHECKS = "klrl_checks"  # the dataclass field metadata keys
+APPLIES = "klrl_applies"
 
 
-def knob(default: Any = MISSING, *checks: "Constraint", factory: Callable[[], Any] | None = None) -> Any:
-    """A dataclass field with its constraints (default, or default_factory for mutable defaults)."""
+class Applies:
+    """Where a knob acts: `when(cfg)` is true there; `needs` says where in words, `here(cfg)` says why it is not.
+    A knob set (not None) where `when` is false is refused."""
+
+    def __init__(self, when: Callable[[Any], bool], needs: str, here: Callable[[Any], str]):
+        self.when, self.needs, self.here = when, needs, here
+
+    def __and__(self, other: "Applies") -> "Applies":
+        return Applies(lambda c: self.when(c) and other.when(c), f"{self.needs} and {other.needs}",
+                       lambda c: self.here(c) if not self.when(c) else other.here(c))
+
+
+def knob(default: Any = MISSING, *checks: "Constraint", factory: Callable[[], Any] | None = None,
+         applies: Applies | None = None) -> Any:
+    """A dataclass field with its constraints (default, or default_factory for mutable defaults) and, for a knob
+    that acts only in some configurations, where it applies."""
+    meta = {CHECKS: checks, APPLIES: applies}
     if factory is not None:
-        return field(default_factory=factory, metadata={CHECKS: checks})
-    return field(default=default, metadata={CHECKS: checks})
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 class Constraint:

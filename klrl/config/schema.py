@@ -14,7 +14,9 @@ from typing import Any, List, Optional
 
 from omegaconf import MISSING
 
-from klrl.config.constraints import Each, Int, Name, NonEmpty, NonNegative, OneOf, Positive, Range, Writable, knob
+from klrl.config.constraints import (Applies, Each, Int, Name, NonEmpty, NonNegative, OneOf, Positive, Range,
+                                     Writable, knob)
+from klrl.config.specs import PLACEMENTS, is_off_policy
 from klrl.core.estimators import ESTIMATORS
 from klrl.core.losses import AGGREGATIONS, BASELINES, REWARD_FORMS
 from klrl.errors import ConfigError
@@ -23,6 +25,30 @@ DTYPE_NAMES = ("float32", "bfloat16", "float16")
 PLACEMENT_NAMES = ("none", "reward", "loss", "both")
 BACKEND_NAMES = ("hf", "vllm")
 MAX_SEED = 2**32 - 1
+
+# Where knobs act (see klrl.config.constraints.Applies); set elsewhere they are refused as silently ignored.
+_placement = lambda c: f"with placement={c.placement.name}"  # noqa: E731
+IN_REWARD = Applies(lambda c: PLACEMENTS[c.placement.name][0], "placement=reward or both", _placement)
+IN_LOSS = Applies(lambda c: PLACEMENTS[c.placement.name][1], "placement=loss or both", _placement)
+AN_ESTIMATOR = Applies(lambda c: c.estimator.name != "none", "an estimator", lambda c: "with estimator=none")
+OFF_POLICY = Applies(is_off_policy, "async_level > 0 or algo.updates_per_batch > 1",
+                     lambda c: "on-policy (every importance ratio is 1)")
+PPO_CLIP = Applies(lambda c: c.algo.ratio_clip is not None, "algo.ratio_clip", lambda c: "without algo.ratio_clip")
+CLAMPED = Applies(lambda c: c.estimator.clamp_value is not None, "estimator.clamp_value",
+                  lambda c: "without estimator.clamp_value")
+WEIGHTED = Applies(lambda c: bool(c.placement.get("loss_is_weight") or c.placement.get("loss_weight")),
+                   "a weighted in-loss term (placement.loss_is_weight=true or placement.loss_weight)",
+                   lambda c: "with an unweighted in-loss term (w = 1: the clamp bites the same value)")
+
+
+def _baseline(*names: str) -> Applies:
+    return Applies(lambda c: c.algo.baseline in names, "algo.baseline=" + " or ".join(names),
+                   lambda c: f"with algo.baseline={c.algo.baseline}")
+
+
+def _agg(name: str) -> Applies:
+    return Applies(lambda c: c.algo.agg == name or c.placement.get("loss_agg") == name, f"algo.agg={name}",
+                   lambda c: f"with algo.agg={c.algo.agg}")
 
 
 @dataclass
@@ -49,16 +75,26 @@ class TaskConfig:
 class EstimatorConfig:
     # none, or a registered estimator (klrl.core.estimators.ESTIMATORS, read when checked: it may grow)
     name: str = knob(MISSING, OneOf(dynamic=lambda: ("none", *ESTIMATORS)))
-    clamp_log_ratio: Optional[float] = knob(None, Positive())  # clamp delta = log(pi/pi_ref) to +-c; off by default
-    clamp_value: Optional[float] = knob(None, Positive())  # clamp the per-token estimate to +-c; off by default
+    # clamp delta = log(pi/pi_ref) to +-c; off by default
+    clamp_log_ratio: Optional[float] = knob(None, Positive(), applies=AN_ESTIMATOR)
+    clamp_value: Optional[float] = knob(None, Positive(), applies=AN_ESTIMATOR)  # clamp the estimate to +-c
+    # the value clamp bites the weighted in-loss term w * k rather than k (slime, NeMo-RL); None = false
+    clamp_after_weight: Optional[bool] = knob(None, applies=CLAMPED & IN_LOSS & WEIGHTED)
 
 
 @dataclass
 class PlacementConfig:
     name: str = knob(MISSING, OneOf(*PLACEMENT_NAMES))
-    reward_form: Optional[str] = knob(None, OneOf(*REWARD_FORMS))  # seqsum | togo (reward placements only)
-    reward_is_weight: Optional[bool] = None  # sequence-level IS weight on the reward KL (reward placements only)
-    loss_is_weight: Optional[bool] = None  # rho_t * k_t (loss placements only)
+    reward_form: Optional[str] = knob(None, OneOf(*REWARD_FORMS), applies=IN_REWARD)  # seqsum | togo
+    reward_is_weight: Optional[bool] = knob(None, applies=IN_REWARD)  # sequence-level IS weight on the reward KL
+    # the reward's estimate from the log-probs of the policy that sampled (old: verl, TRL RLOO, OpenRLHF) or of the
+    # current one (None = current); the same value on-policy, fixed across a batch's updates off-policy
+    reward_logp: Optional[str] = knob(None, OneOf("current", "old"), applies=IN_REWARD)
+    loss_is_weight: Optional[bool] = knob(None, applies=IN_LOSS)  # rho_t * k_t, rho_t = pi/pi_old (DeepSeek-V3.2)
+    # other weights of the in-loss term (klrl.core.losses.loss_term): score = exp(l - sg(l)) k (NeMo-RL),
+    # detached_rho = sg(k) + sg(rho delta)(l - sg(l)) (OpenRLHF unbiased_gradient); None = unweighted
+    loss_weight: Optional[str] = knob(None, OneOf("score", "detached_rho"), applies=IN_LOSS)
+    loss_agg: Optional[str] = knob(None, OneOf(*AGGREGATIONS), applies=IN_LOSS)  # the KL term's own; None = algo.agg
 
 
 @dataclass
@@ -68,10 +104,18 @@ class AlgoConfig:
     group_size: int = knob(8, Int(1, 2**16))
     prompts_per_step: int = knob(32, Int(1, 2**20))
     agg: str = knob("seq_sum", OneOf(*AGGREGATIONS))
-    agg_norm: Optional[float] = knob(None, Positive())  # seq_mean_token_sum_norm's constant; None = max_new_tokens
+    # seq_mean_token_sum_norm's constant; None = task.max_new_tokens
+    agg_norm: Optional[float] = knob(None, Positive(), applies=_agg("seq_mean_token_sum_norm"))
+    adv_eps: Optional[float] = knob(None, NonNegative(), applies=_baseline("grpo", "rloo_std"))  # std + eps; None = 1e-6
+    # grpo's group std: with Bessel's correction (unbiased: TRL, verl) or without (population: open-instruct)
+    adv_std: Optional[str] = knob(None, OneOf("unbiased", "population"), applies=_baseline("grpo"))
     updates_per_batch: int = knob(1, Int(1, 1000))  # > 1 needs ratio_clip: several optimizer steps on one batch
-    ratio_clip: Optional[float] = knob(None, Range(0.0, 1.0, lo_open=True, hi_open=True))  # PPO epsilon
-    is_truncate: Optional[float] = knob(None, Range(1.0))  # cap on the token importance ratio (truncated IS)
+    # PPO epsilon
+    ratio_clip: Optional[float] = knob(None, Range(0.0, 1.0, lo_open=True, hi_open=True), applies=OFF_POLICY)
+    is_truncate: Optional[float] = knob(None, Range(1.0), applies=OFF_POLICY)  # cap on the token ratio (truncated IS)
+    dual_clip: Optional[float] = knob(None, Range(1.0, lo_open=True), applies=PPO_CLIP)  # PPO dual clip c (verl: 3)
+    # clamp log(pi/pi_old) to +-c before exp in the policy gradient's ratio (verl, SkyRL: 20)
+    ratio_log_clamp: Optional[float] = knob(None, Positive(), applies=OFF_POLICY)
     micro_batch_size: Optional[int] = knob(None, Int(1))  # sequences per forward/backward; None = the whole batch
 
 
@@ -146,6 +190,80 @@ def vllm_unavailable() -> str | None:
 
 
 @dataclass
+class PresetConfig:
+    """A framework's KL setting (conf/preset/, docs/frameworks.md): names and provenance only. The trainer reads
+    none of it; the preset's YAML sets the knobs that make klrl's loss equal the framework's."""
+
+    name: Optional[str] = knob(None, Name())  # the preset's own name, shown by `klrl audit preset=...`
+    framework: Optional[str] = knob(None, NonEmpty())  # e.g. verl, TRL, OpenRLHF
+    setting: Optional[str] = None  # the framework's own flags for this setting
+    source: Optional[str] = None  # the upstream source line read (URL at a pinned commit)
+    # the framework's off-policy knobs, as klrl overrides (refused on-policy, where they would have no effect)
+    off_policy: Optional[str] = None
+    differs: Optional[str] = None  # what klrl does not reproduce; empty = nothing
+
+
+def _missing(*modules: str) -> str | None:
+    """The first of `modules` that cannot be imported here (without importing it: a logger's package is heavy)."""
+    for m in modules:
+        try:
+            if importlib.util.find_spec(m) is None:
+                return m
+        except (ImportError, ValueError):  # a blocked or broken package reads as missing
+            return m
+    return None
+
+
+@dataclass
+class TensorBoardConfig:
+    """logger=tensorboard: events under <run dir>/tb (`tensorboard --logdir outputs`)."""
+
+    flush_secs: float = knob(10.0, Positive())  # how often the event file is flushed to disk
+
+
+@dataclass
+class WandbConfig:
+    """logger=wandb (optional extra: pip install 'klrl[wandb]'). The mode (online, offline, disabled) is W&B's own
+    WANDB_MODE; the run's files go under its run directory."""
+
+    project: str = knob("klrl", NonEmpty())
+    entity: Optional[str] = knob(None, NonEmpty())  # None = the account's default
+    group: Optional[str] = knob(None, NonEmpty())  # None = the sweep directory's name in a sweep, none otherwise
+    tags: List[str] = knob(MISSING, Each(NonEmpty()), factory=list)
+
+
+@dataclass
+class MlflowConfig:
+    """logger=mlflow (optional extra: pip install 'klrl[mlflow]')."""
+
+    # None = a SQLite store beside the runs: <sweep dir>/mlflow.db in a sweep, <run dir>/mlflow.db otherwise
+    tracking_uri: Optional[str] = knob(None, NonEmpty())
+    experiment: Optional[str] = knob(None, NonEmpty())  # None = the sweep directory's name in a sweep, else "klrl"
+
+
+# logger=X's package(s), and what to install
+LOGGER_PACKAGES = {"wandb": ("wandb",), "mlflow": ("mlflow", "sqlalchemy", "alembic")}
+
+
+@dataclass
+class LoggerConfig:
+    """Where metrics go besides metrics.jsonl: the backends chosen by `logger=[tensorboard,wandb,mlflow]` (a Hydra
+    group with a list of options; conf/logger/), each a block of its own settings; None = not chosen."""
+
+    tensorboard: Optional[TensorBoardConfig] = None
+    wandb: Optional[WandbConfig] = None
+    mlflow: Optional[MlflowConfig] = None
+
+    @staticmethod
+    def check(node, cfg) -> None:
+        """A chosen backend whose package is missing is refused now, before anything is built or written."""
+        for name, modules in LOGGER_PACKAGES.items():
+            gone = node.get(name) is not None and _missing(*modules)
+            if gone:
+                raise ConfigError(f"logger={name} needs the {gone} package: pip install 'klrl[{name}]'")
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = MISSING
     task: TaskConfig = MISSING
@@ -170,4 +288,7 @@ class TrainConfig:
     device: str = knob("auto", OneOf("auto", "cpu", "cuda"))
     cache_dir: str = knob("${oc.env:KLRL_CACHE,${oc.env:HOME}/.cache/klrl}", NonEmpty(), Writable())  # warm starts
     progress: bool = True
-    tensorboard: bool = True
+    logger: LoggerConfig = knob(factory=LoggerConfig)  # logger=[tensorboard,wandb,mlflow] | none (conf/logger/)
+    # Deprecated (use logger=...): false leaves TensorBoard out, true adds it; None = as logger says.
+    tensorboard: Optional[bool] = None
+    preset: Optional[PresetConfig] = None  # set by conf/preset/<name>.yaml; provenance only, the trainer ignores it

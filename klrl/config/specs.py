@@ -24,6 +24,10 @@ def kl_spec(cfg: DictConfig) -> KLSpec:
         loss_is_weight=bool(p.get("loss_is_weight")),
         clamp_log_ratio=cfg.estimator.get("clamp_log_ratio"),
         clamp_value=cfg.estimator.get("clamp_value"),
+        loss_weight=p.get("loss_weight") or "none",
+        clamp_after_weight=bool(cfg.estimator.get("clamp_after_weight")),
+        reward_from_old=p.get("reward_logp") == "old",
+        loss_agg=p.get("loss_agg"),
     )
 
 
@@ -32,9 +36,13 @@ def pg_spec(cfg: DictConfig, budget: int | None = None) -> PGSpec:
     when algo.agg_norm is unset (default task.max_new_tokens; the audit's toy passes its own length)."""
     a = cfg.algo
     norm = None
-    if a.agg == "seq_mean_token_sum_norm":
+    if "seq_mean_token_sum_norm" in (a.agg, cfg.placement.get("loss_agg")):
         norm = float(a.get("agg_norm") or (budget if budget is not None else cfg.task.max_new_tokens))
-    return PGSpec(baseline=a.baseline, agg=a.agg, agg_norm=norm, ratio_clip=a.ratio_clip, is_truncate=a.is_truncate)
+    # .get: the configs of runs made before these knobs existed lack them
+    eps = a.get("adv_eps")
+    return PGSpec(baseline=a.baseline, agg=a.agg, agg_norm=norm, ratio_clip=a.ratio_clip, is_truncate=a.is_truncate,
+                  adv_eps=1e-6 if eps is None else float(eps), adv_std=a.get("adv_std") or "unbiased",
+                  dual_clip=a.get("dual_clip"), ratio_log_clamp=a.get("ratio_log_clamp"))
 
 
 def sampling_spec(cfg: DictConfig) -> Sampling:

@@ -13,8 +13,8 @@ from typing import Any, Callable
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from klrl.config.constraints import CHECKS, OneOf
-from klrl.config.specs import PLACEMENTS
+from klrl.config.constraints import APPLIES, CHECKS, OneOf
+from klrl.config.specs import is_off_policy
 from klrl.errors import ConfigError
 
 MISSING = "???"
@@ -63,12 +63,13 @@ def _field_value(node: DictConfig, key: str, full: str, f: dataclasses.Field) ->
         raise ConfigError(f"{full}: {str(e).splitlines()[0]}") from None
 
 
-def check_fields(node: DictConfig, root: DictConfig, prefix: str = "", hooks: list | None = None) -> None:
+def check_fields(node: DictConfig, root: DictConfig, prefix: str = "", found: dict | None = None) -> None:
     """Walk a structured node: refuse keys its schema lacks and keys it needs that are gone (`~key`), check every
     declared constraint, recurse, and note each schema's `check(node, root)` hook (model sources and tasks know
-    things the schema cannot say), which run once every field has passed."""
-    top = hooks is None
-    hooks = [] if top else hooks
+    things the schema cannot say) and each knob set where it would have no effect (`applies=`); both run once every
+    field has passed."""
+    top = found is None
+    found = {"hooks": [], "applies": []} if top else found
     schema = OmegaConf.get_type(node)
     if not dataclasses.is_dataclass(schema):
         return
@@ -84,7 +85,7 @@ def check_fields(node: DictConfig, root: DictConfig, prefix: str = "", hooks: li
                               f"({_what(f.metadata.get(CHECKS, ()), f.type)})")
         value = _field_value(node, key, full, f)
         if isinstance(value, DictConfig):
-            check_fields(value, root, f"{full}.", hooks)
+            check_fields(value, root, f"{full}.", found)
             continue
         if value is None:
             continue
@@ -92,11 +93,16 @@ def check_fields(node: DictConfig, root: DictConfig, prefix: str = "", hooks: li
         for constraint in f.metadata.get(CHECKS, ()):
             if not constraint(plain):
                 raise _refuse(full, plain, constraint)
+        if f.metadata.get(APPLIES) is not None:
+            found["applies"].append((full, plain, f.metadata[APPLIES]))
     hook: Callable | None = getattr(schema, "check", None)
     if hook is not None:
-        hooks.append((hook, node))
+        found["hooks"].append((hook, node))
     if top:
-        for hook, part in reversed(hooks):  # the task's data before the model's weights, as a run would need them
+        for full, value, applies in found["applies"]:
+            if not applies.when(root):
+                raise ConfigError(f"{full}={_show(value)} has no effect {applies.here(root)}; it needs {applies.needs}")
+        for hook, part in reversed(found["hooks"]):  # the task's data before the model's weights, as a run needs
             hook(part, root)
 
 
@@ -110,9 +116,6 @@ def kl_choices(cfg) -> None:
             raise ConfigError(f"beta={beta} with estimator=none would be ignored; set beta=0 or choose an estimator")
         if place != "none":
             raise ConfigError(f"placement={place} with estimator=none would be ignored; drop it (placement=none)")
-        for key in ("clamp_log_ratio", "clamp_value"):
-            if cfg.estimator.get(key) is not None:
-                raise ConfigError(f"estimator.{key}={cfg.estimator[key]} needs an estimator; estimator=none has none")
         return
     if place == "none":
         raise ConfigError(f"estimator={est} with placement=none would be ignored; choose reward, loss or both")
@@ -121,13 +124,10 @@ def kl_choices(cfg) -> None:
 
 
 def placement_options(cfg) -> None:
-    in_reward, in_loss = PLACEMENTS[cfg.placement.name]
     p = cfg.placement
-    for key, applies, where in (("reward_form", in_reward, "reward or both"),
-                                ("reward_is_weight", in_reward, "reward or both"),
-                                ("loss_is_weight", in_loss, "loss or both")):
-        if p[key] is not None and not applies:
-            raise ConfigError(f"placement.{key}={p[key]} has no effect with placement={p.name}; it needs {where}")
+    if p.loss_is_weight and p.loss_weight is not None:
+        raise ConfigError(f"placement.loss_weight={p.loss_weight} and placement.loss_is_weight=true are alternatives "
+                          "(two weights of the in-loss term); set only one")
     if p.reward_is_weight and p.reward_form == "togo":
         raise ConfigError("placement.reward_is_weight=true applies to the seqsum form only; set "
                           "placement.reward_form=seqsum")
@@ -141,23 +141,16 @@ def algo_options(cfg) -> None:
         raise ConfigError(f"algo.group_size={a.group_size}: placement.reward_is_weight needs >= 2 (leave-one-out)")
     if a.ratio_clip is not None and a.is_truncate is not None:
         raise ConfigError("algo.ratio_clip and algo.is_truncate are alternatives; set only one")
-    off_policy = a.updates_per_batch > 1 or cfg.async_level > 0
+    off_policy = is_off_policy(cfg)
     if off_policy and a.ratio_clip is None and a.is_truncate is None:
         if cfg.async_level:
             raise ConfigError(f"async_level={cfg.async_level} makes rollouts off-policy: set algo.is_truncate (the paper "
                               "uses 8) or algo.ratio_clip")
         raise ConfigError(f"algo.updates_per_batch={a.updates_per_batch} needs algo.ratio_clip (PPO) or "
                           "algo.is_truncate: later updates are off-policy")
-    for key in ("ratio_clip", "is_truncate"):
-        if a[key] is not None and not off_policy:
-            raise ConfigError(f"algo.{key}={a[key]} has no effect on-policy (every importance ratio is 1); it needs "
-                              "async_level > 0 or algo.updates_per_batch > 1")
     if a.micro_batch_size is not None and a.micro_batch_size % a.group_size:
         raise ConfigError(f"algo.micro_batch_size={a.micro_batch_size} must be a multiple of algo.group_size="
                           f"{a.group_size}")
-    if a.get("agg_norm") is not None and a.agg != "seq_mean_token_sum_norm":
-        raise ConfigError(f"algo.agg_norm={a.agg_norm} has no effect with algo.agg={a.agg}; it needs "
-                          "algo.agg=seq_mean_token_sum_norm")
 
 
 def execution(cfg) -> None:

@@ -19,7 +19,7 @@ from klrl.core.estimators import kl_values
 
 BASELINES = ("rloo", "grpo", "dr_grpo", "rloo_std", "none")
 LOSS_WEIGHTS = ("none", "rho", "score", "detached_rho")
-STD_KINDS = ("sample", "population")
+STD_KINDS = ("unbiased", "population")
 AGGREGATIONS = ("seq_sum", "token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
 REWARD_FORMS = ("seqsum", "togo")
 
@@ -57,7 +57,7 @@ class PGSpec:
     ratio_clip: float | None = None  # PPO epsilon; None = plain importance-weighted REINFORCE
     is_truncate: float | None = None  # cap on the token importance ratio (truncated IS); None = no cap
     adv_eps: float = 1e-6  # grpo / rloo_std: added to the group std
-    adv_std: str = "sample"  # grpo: the group std with Bessel's correction (sample) or without (population)
+    adv_std: str = "unbiased"  # grpo: the group std with Bessel's correction (unbiased) or without (population)
     dual_clip: float | None = None  # PPO dual clip c > 1: negative-advantage tokens' loss capped at -c A
     ratio_log_clamp: float | None = None  # clamp log(pi/pi_old) to +-c before exp in the policy-gradient ratio
 
@@ -68,14 +68,14 @@ class LossOut(NamedTuple):
     stats: dict[str, Tensor]  # detached diagnostics
 
 
-def group_advantages(rewards: Tensor, group_size: int, baseline: str, eps: float = 1e-6, std: str = "sample"
+def group_advantages(rewards: Tensor, group_size: int, baseline: str, eps: float = 1e-6, std: str = "unbiased"
                      ) -> Tensor:
     """Advantages from a group baseline, [B] -> [B].
 
     rloo:     A_i = R_i - mean_{j != i} R_j. The baseline is independent of sample i, so the estimator stays unbiased.
     dr_grpo:  A_i = R_i - mean_j R_j. The mean includes R_i itself, which shrinks the expected gradient by (1 - 1/G).
     grpo:     A_i = (R_i - mean_j R_j) / (std_j R_j + eps). Biased (per-group rescaling), the GRPO default; std with
-              Bessel's correction ("sample", TRL, verl) or without ("population", open-instruct).
+              Bessel's correction ("unbiased", TRL, verl) or without ("population", open-instruct).
     rloo_std: A_i = (R_i - b_i) / (s_i + eps), b_i and s_i the mean and sample std of the other G - 1 rewards
               (NeMo-RL's leave-one-out GRPO; A_i = R_i - b_i where s_i = 0).
     none:     A_i = R_i (plain REINFORCE).
@@ -89,7 +89,7 @@ def group_advantages(rewards: Tensor, group_size: int, baseline: str, eps: float
     elif baseline == "dr_grpo":
         adv = centred
     elif baseline == "grpo":
-        adv = centred / (r.std(-1, keepdim=True, correction=int(std == "sample")) + eps)
+        adv = centred / (r.std(-1, keepdim=True, correction=int(std == "unbiased")) + eps)
     elif baseline == "rloo_std":
         adv = leave_one_out_standardised(r, eps)
     else:
