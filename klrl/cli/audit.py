@@ -13,14 +13,20 @@ import argparse
 import math
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
+
+from functools import lru_cache
 
 import torch
+from omegaconf import OmegaConf
 
 from klrl.cli.compose import compose as compose_config
 from klrl.config.constraints import Int, NonEmpty, NonNegative, flag, unwritable
 from klrl.config.schema import MAX_SEED
+from klrl.config.specs import is_off_policy, kl_spec, pg_spec, sampling_spec
+from klrl.core.losses import KLSpec, PGSpec
 from klrl.errors import AuditError, ConfigError
+from klrl.paths import CONF_DIR
 
 MAX_GROUPS = 2**18  # N**G groups enumerated per configuration (N responses)
 MAX_ROWS = 4096  # N * T per-token score vectors: the Jacobian and its Gram matrix are that size squared
@@ -135,6 +141,8 @@ def validate(a: argparse.Namespace):
 
     cfg = compose(a)
     if cfg.estimator.name == "none":
+        if _preset(cfg):  # a framework setting whose KL is inert: `main` says so, with its verdict
+            return cfg, []
         raise AuditError("estimator=none has no KL gradient to audit; choose an estimator")
     patterns = [p for arg in a.config or [] for p in arg.split(",") if p]
     named = any(_key(o) in KL_SELECTORS for o in a.overrides)
@@ -210,6 +218,9 @@ def run_exact(a: argparse.Namespace, cfg, configs: list) -> dict:
     if "length_sweep" in result:
         print(report.sweep_table(result["length_sweep"]))
         print()
+    if _preset(cfg):
+        result["preset"] = preset_summary(a, cfg)
+        print()
     print(report.LEGEND)
     return result
 
@@ -234,7 +245,9 @@ def main(argv: list[str]) -> None:
         _check_writable(a.plot, "--plot")
         if a.plot and (a.mc or not a.lengths):
             raise AuditError("--plot draws the exact length sweep; it needs a sweep and no --mc")
-        if a.mc:
+        if not configs:  # a preset whose KL is inert (validate): its summary is the whole audit
+            result = {"mode": "exact", "preset": preset_summary(a, cfg)}
+        elif a.mc:
             from klrl.cli.audit_mc import run_mc
 
             result = run_mc(a, configs)
@@ -260,6 +273,121 @@ def main(argv: list[str]) -> None:
         print(f"klrl: audit: cannot write {e.filename or 'output'}: {e.strerror or e}", file=sys.stderr)
         sys.exit(2)
     print(f"\naudit finished in {result['runtime_s']:.1f} s")
+
+
+# --- framework presets (conf/preset/): their verdicts on- and off-policy, and the framework table ----------------
+
+FRAMEWORKS = ("verl", "TRL", "OpenRLHF", "open-instruct", "slime", "NeMo-RL", "SkyRL", "DeepSeek-V3.2")
+REFERENCE = KLSpec("k1", 1.0, in_reward=True), PGSpec("rloo")  # klrl's default: k1 in the reward, RLOO, seq_sum
+
+
+def _preset(cfg) -> str | None:
+    return (cfg.get("preset") or {}).get("name")
+
+
+def preset_names() -> list[str]:
+    """conf/preset/'s presets, in the order of FRAMEWORKS (then by name)."""
+    from klrl.cli.compose import group_options, hydra_context
+
+    with hydra_context():
+        names = group_options("preset")
+    frameworks = {n: OmegaConf.load(f"{CONF_DIR}/preset/{n}.yaml").preset.framework for n in names}
+    rank = {f: i for i, f in enumerate(FRAMEWORKS)}
+    return sorted(names, key=lambda n: (rank.get(frameworks[n], len(rank)), n))
+
+
+def off_policy_config(overrides: list[str], cfg):
+    """The config trained off-policy as its framework does: two updates per batch, with the preset's off-policy knobs
+    (PPO clip, dual clip, ratio log-clamp; refused on-policy, where they act on nothing) unless set already."""
+    if is_off_policy(cfg):
+        return cfg
+    given = {o.split("=", 1)[0] for o in overrides}
+    knobs = [k for k in (cfg.preset.off_policy or "").split() if k.split("=", 1)[0] not in given]
+    return compose_config([*overrides, "algo.updates_per_batch=2", *knobs])
+
+
+@lru_cache(maxsize=None)
+def _enumeration(toy, sampling):
+    from klrl.audit import exact as ex
+    from klrl.audit.policies import TRIPLES
+
+    tr = TRIPLES[toy.kind](toy.vocab, toy.length, toy.distance, toy.off_distance, toy.seed, eos=toy.eos_id)
+    return ex.enumerate_groups(tr.policy, tr.ref, toy.group_size, sampling=sampling)
+
+
+def noise(kl: KLSpec, pg: PGSpec, toy, sampling) -> float | None:
+    """tr Cov[g] / |E g|^2 of one group's KL gradient, on-policy, exact: scale-free (beta and an aggregation's
+    constant factor cancel), so presets with different betas and normalisers compare. None without a mean."""
+    from klrl.audit import exact as ex
+    from klrl.audit.verdicts import toy_pg
+
+    if kl.estimator is None:
+        return None
+    en = _enumeration(toy, sampling)
+    mean, var = ex.moments(en, ex.loss_coefficients(en, kl, toy_pg(pg, toy)))
+    size = float(mean @ mean)
+    return var / size if size > 0 else None
+
+
+def preset_row(overrides: list[str], cfg, toy) -> dict:
+    """One framework setting: its exact verdicts on-policy (the off-policy knobs act on nothing there) and
+    off-policy with them (klrl.audit.verdicts), and its noise relative to klrl's default k1-in-reward, on `toy`."""
+    from klrl.audit.verdicts import verdict
+
+    s, kl, pg = sampling_spec(cfg), kl_spec(cfg), pg_spec(cfg, budget=toy.length)
+    on = verdict(kl, pg, s, False, toy)
+    # With every response as long as the budget, a token mean only divides by it: what is left is the estimator's
+    # and the placement's own direction, which variable lengths (EOS) bend.
+    equal = verdict(kl, pg, s, False, replace(toy, eos=False))
+    off_cfg = off_policy_config(overrides, cfg)
+    off = verdict(kl_spec(off_cfg), pg_spec(off_cfg, budget=toy.length), s, True, toy)
+    mine, ref = noise(kl, pg, toy, s), noise(*REFERENCE, toy, s)
+    p = cfg.preset
+    return {"framework": p.framework, "setting": p.setting, "preset": p.name, "on_policy": on, "off_policy": off,
+            "equal_lengths": equal, "off_policy_knobs": off_cfg.preset.off_policy or "", "differs": p.differs or "",
+            "noise": None if mine is None or not ref else mine / ref, "source": p.source}
+
+
+def preset_summary(a: argparse.Namespace, cfg) -> dict:
+    """`klrl audit preset=X`: the framework, its setting and its verdicts, printed; the numbers returned."""
+    from klrl.audit.verdicts import Toy
+
+    toy = Toy(vocab=a.vocab, length=a.length, group_size=a.group_size, eos=not a.no_eos, distance=a.distance,
+              off_distance=a.off_distance, seed=a.seed)
+    row = preset_row(list(a.overrides), cfg, toy)
+    on, off = row["on_policy"], row["off_policy"]
+    noise_text = "n/a (no KL)" if row["noise"] is None else f"{row['noise']:.3g} x k1-in-reward's (tr Cov / |E g|^2)"
+    print(f"preset={row['preset']}: {row['framework']} {row['setting']}\n  source: {row['source']}\n"
+          f"  gradient, on-policy:  {on.text}\n"
+          f"  gradient, on-policy, every response {toy.length} tokens long: {row['equal_lengths'].text}\n"
+          f"  gradient, off-policy: {off.text}  (with {row['off_policy_knobs'] or 'no off-policy knobs'})\n"
+          f"  noise: {noise_text}\n  differs from the framework: {row['differs'] or 'nothing klrl models'}")
+    return {**row, **{k: {**asdict(row[k]), "text": row[k].text} for k in ("on_policy", "equal_lengths", "off_policy")}}
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def framework_table(toy=None) -> str:
+    """The framework table (markdown): every conf/preset/ setting's exact gradient, generated, never typed."""
+    import pandas as pd
+
+    from klrl.audit.verdicts import DEFAULT_TOY
+
+    toy = toy or DEFAULT_TOY
+    rows = []
+    for name in preset_names():
+        cfg = compose_config([f"preset={name}"])
+        r = preset_row([f"preset={name}"], cfg, toy)
+        no_kl = r["on_policy"].label == "no KL"
+        rows.append({"framework": r["framework"], "setting": _cell(r["setting"]), "klrl preset": f"`preset={name}`",
+                     "gradient it gives (on-policy)": r["on_policy"].short,
+                     "same, equal lengths": r["equal_lengths"].short,
+                     "off-policy (framework's clip)": r["off_policy"].short,
+                     "unbiased off-policy?": "n/a (no KL)" if no_kl else ("yes" if r["off_policy"].unbiased else "no"),
+                     "noise vs k1-in-reward": "n/a" if r["noise"] is None else f"{r['noise']:.3g}x"})
+    return pd.DataFrame(rows).to_markdown(index=False)
 
 
 # --- tables across algo presets, and the README's (composed here, computed by klrl.audit.verdicts) ---------
@@ -364,4 +492,10 @@ def readme_tables() -> str:
     out += ["With `algo=grpo`, the KL gradient's size along grad KL(pi||pi_ref) (the least-squares scale of the "
             "total KL gradient, i.e. per unit beta times beta) and its cosine, task reward tied within groups:", "",
             pd.DataFrame(srows).to_markdown(index=False), ""]
+    out += [FRAMEWORK_INTRO, "", framework_table(), ""]
     return "\n".join(out)
+
+
+FRAMEWORK_INTRO = ("Each framework's KL setting as a `preset` (conf/preset/, docs/frameworks.md), its exact gradient "
+                   "per unit beta on the same toy; off-policy with the framework's own clip (`preset.off_policy`); "
+                   "noise = tr Cov[g] / |E g|^2 of one group, relative to k1 in the reward with RLOO:")
