@@ -153,7 +153,7 @@ BAD = [
     (["placement=warp"], "placement='warp' is not valid"),
     (["estimator=none", "beta=0.1"], "beta=0.1 with estimator=none would be ignored"),
     (["estimator=none", "placement=loss"], "placement=loss with estimator=none would be ignored"),
-    (["placement=loss", "placement.reward_form=togo"], "placement.reward_form=togo has no effect with placement=loss"),
+    (["placement=loss", "placement.reward_form=togo"], "placement.reward_form='togo' has no effect with placement=loss"),
     (["placement=reward", "placement.loss_is_weight=true"], "placement.loss_is_weight=True has no effect"),
     (["placement.reward_form=sum"], "placement.reward_form='sum' is not valid; choose from: seqsum, togo"),
     (["algo.baseline=ppo"], "algo.baseline='ppo' is not valid; choose from: rloo, grpo, dr_grpo, rloo_std, none"),

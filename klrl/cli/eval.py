@@ -51,6 +51,8 @@ def load_run_config(run_dir: Path):
         raise ConfigError(f"{run_dir}: {e}") from None
     if stored is None:
         raise ConfigError(f"{run_dir} is not a run directory: {run.file(CONFIG)} is missing")
+    for key in ("logger", "tensorboard"):  # eval writes evals.jsonl only: the run's loggers need no package here
+        stored.pop(key, None)
     try:
         schema = OmegaConf.structured(TrainConfig)
         schema.model = OmegaConf.structured(SOURCES[stored["model"]["source"]].schema)

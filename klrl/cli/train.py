@@ -8,9 +8,7 @@ change on resume aside), and an existing name gets a suffix, so two runs never s
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import re
 import shutil
 import sys
 import time
@@ -24,27 +22,17 @@ from omegaconf import DictConfig
 from klrl.cli.compose import canonical, output_dir, parse_args, preflight, register_configs, split_args
 from klrl.errors import ConfigError
 from klrl.paths import CONF_DIR
-from klrl.runs.rundir import RESUMABLE
+from klrl.runs.rundir import run_name
 
 log = logging.getLogger("klrl")
 register_configs()
 CREATED: list[Path] = []  # the directories this process created for its run, deepest last
 INFO_FLAGS = ("--cfg", "-c", "--info", "-i", "--resolve", "-p", "--package")
-MAX_NAME = 120  # bytes of a default run name before it is shortened with a hash
 
 
 def fail(msg: str, code: int = 2) -> None:
     print(f"klrl: {msg}", file=sys.stderr)
     sys.exit(code)
-
-
-def run_name(overrides: list[str]) -> str:
-    """`estimator=k3,placement=loss`: the run's non-default choices, keys that may change on resume aside."""
-    keep = [o for o in overrides if o.split("=", 1)[0].lstrip("+~").split(".")[0] not in RESUMABLE]
-    name = re.sub(r"[^\w.=,+@-]", "_", ",".join(keep)) or "defaults"
-    if len(name.encode()) > MAX_NAME:
-        name = name[: MAX_NAME - 9] + "_" + hashlib.sha256(name.encode()).hexdigest()[:8]
-    return name
 
 
 def make_dirs(path: Path, exist_ok: bool) -> Path:
@@ -128,12 +116,16 @@ def main(args: list[str]) -> None:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def train_main(cfg: DictConfig) -> str:
+    from klrl.runs.rundir import RunDir
+    from klrl.runs.status import run_report
+    from klrl.training.run import rank
     from klrl.training.trainer import train
 
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     # In a sweep, a failing run raises: the launcher records it and the other runs go on. A single run exits.
     sweeping = hc.mode == RunMode.MULTIRUN
+    t0 = time.monotonic()
     try:
         status = train(cfg, run_dir)
     except ConfigError as e:
@@ -147,6 +139,8 @@ def train_main(cfg: DictConfig) -> str:
             raise RuntimeError(f"run failed ({type(e).__name__}: {e}); see {run_dir}") from None
         fail(f"run failed ({type(e).__name__}: {e}); see {run_dir}", code=1)
     log.info("%s: %s", status, run_dir)
+    if not sweeping and rank() == 0:  # a sweep's runs are reported together by `klrl table`
+        print(run_report(RunDir(run_dir), time.monotonic() - t0), flush=True)
     return status
 
 

@@ -14,9 +14,11 @@ Every file is written atomically (temporary file, fsync, rename); metrics lines 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
+import re
 import tempfile
 import time
 from dataclasses import dataclass
@@ -38,6 +40,18 @@ FINAL = ("completed", "diverged")
 STATUSES = ("pending", "running", "stale", "completed", "diverged", "failed", "unreadable", "unknown")
 HEARTBEAT_S = 10.0  # a training process touches `heartbeat` this often
 STALE_S = float(os.environ.get("KLRL_STALE_S", 120.0))  # a "running" run with an older heartbeat has no process
+
+MAX_NAME = 120  # bytes of a default run name before it is shortened with a hash
+
+
+def run_name(overrides: list[str]) -> str:
+    """`algo=grpo,estimator=k3,placement=loss`: a run's non-default choices (its command line's overrides), keys
+    that may change on resume aside. Names run directories and the run in W&B and MLflow."""
+    keep = [o for o in overrides if o.split("=", 1)[0].lstrip("+~").split(".")[0] not in RESUMABLE]
+    name = re.sub(r"[^\w.=,+@-]", "_", ",".join(keep)) or "defaults"
+    if len(name.encode()) > MAX_NAME:
+        name = name[: MAX_NAME - 9] + "_" + hashlib.sha256(name.encode()).hexdigest()[:8]
+    return name
 
 
 # --- files ----------------------------------------------------------------------------------------------------------

@@ -262,3 +262,46 @@ def render(states: list[RunState], sweep_dir: Path | None = None) -> str:
         lines.append("  ".join(c.ljust(w) for c, w in zip(r[:5], widths)) + ("  " + r[5] if r[5] else ""))
     lines.append(counts(states))
     return "\n".join(line.rstrip() for line in lines)
+
+
+# ------------------------------------------------------------------------------------------------ one run's report
+SPLIT_NAMES = {"id": "ID", "ood": "OOD"}  # in-domain, out-of-domain
+
+
+def _with_ci(ev: dict, key: str) -> str:
+    if key not in ev:
+        return "-"
+    lo, hi = ev.get(f"{key}_lo"), ev.get(f"{key}_hi")
+    return f"{ev[key]:.3f}" + (f" [{lo:.3f}, {hi:.3f}]" if lo is not None and hi is not None else "")
+
+
+def _last(records: list[dict], key: str) -> float | None:
+    """The value of `key` in the last training record that has it (the extras are not logged every step)."""
+    return next((r[key] for r in reversed(records) if r.get("kind") == "train" and key in r), None)
+
+
+def run_report(run: RunDir, wall_s: float) -> str:
+    """What `klrl train` prints at the end: each evaluation split's pass@1 and greedy accuracy at the start and the
+    end (95% bootstrap CIs over problems), the last exact KL and entropy, the status and the wall time."""
+    import datetime
+
+    import pandas as pd
+
+    summary = run.read_summary() or {}
+    start, end = summary.get("initial_eval") or {}, summary.get("final_eval") or summary.get("last_eval") or {}
+    keys = sorted({k for k in (*start, *end) if not k.endswith(("_lo", "_hi"))},
+                  key=lambda k: (k.split("/")[1:2], k.endswith("greedy")))  # by split, pass@1 before greedy
+    rows = {" ".join(SPLIT_NAMES.get(p, p) for p in k.split("/")[1:]): (_with_ci(start, k), "→", _with_ci(end, k))
+            for k in keys}
+    train = [r for r in run.read_metrics()[0] if r.get("kind") == "train"]
+    for key, label in (("kl/exact", "KL (exact)"), ("entropy", "entropy")):
+        first, last = (_last(part, key) for part in (train[:1], train))
+        rows[label] = tuple("-" if v is None else f"{v:.4g}" for v in (first, last))
+        rows[label] = (rows[label][0], "→", rows[label][1])
+    table = pd.DataFrame.from_dict(rows, orient="index", columns=["start", "", "end"])
+    wall = datetime.timedelta(seconds=round(wall_s))
+    head = (f"{summary.get('status', 'unknown')} at step {summary.get('step')}/{summary.get('steps')} in {wall}: "
+            f"{run.path}")
+    note = ("ID / OOD: in-domain / out-of-domain split; pass@1 and greedy: mean accuracy over problems [95% bootstrap "
+            "CI]; KL (per sequence) and entropy (per token): first and last step")
+    return "\n".join([head, table.to_string(), note])

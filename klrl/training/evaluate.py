@@ -8,6 +8,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from klrl.sampling.generation import Generator, make_generator
 from klrl.sampling.rollout import decode_responses, encode_prompts
@@ -27,8 +28,9 @@ def bootstrap_ci(scores: Sequence[float], reps: int = 1000, level: float = 0.95,
 
 def score_problems(generator: Generator, tokenizer, task: Task, problems: Sequence[Problem], n: int, greedy: bool,
                    max_new_tokens: int, chat_template: bool, temperature: float = 1.0, top_p: float = 1.0,
-                   chunk: int = 512) -> np.ndarray:
-    """[len(problems)] mean score of each problem over its n samples (n = 1 when greedy)."""
+                   chunk: int = 512, bar=None) -> np.ndarray:
+    """[len(problems)] mean score of each problem over its n samples (n = 1 when greedy); `bar` (tqdm) counts the
+    responses generated."""
     n = 1 if greedy else n
     prompts = encode_prompts(tokenizer, [p.prompt for p in problems], chat_template)
     flat = [(i, ids) for i, ids in enumerate(prompts) for _ in range(n)]
@@ -38,6 +40,8 @@ def score_problems(generator: Generator, tokenizer, task: Task, problems: Sequen
         ro = generator.generate([ids for _, ids in part], max_new_tokens, temperature, top_p, greedy=greedy)
         for (i, _), text in zip(part, decode_responses(tokenizer, ro)):
             scores[i] += task.score(problems[i], text) / n
+        if bar is not None:
+            bar.update(len(part))
     return scores
 
 
@@ -55,18 +59,24 @@ def evaluate(model, tokenizer, task: Task, splits: dict[str, Sequence[Problem]],
     model.eval()
     own = generator is None
     gen = make_generator(cfg, model, tokenizer) if own else generator
+    modes = [("pass@1", False)] + ([("greedy", True)] if cfg.eval.greedy else [])
+    total = sum(len(problems) * (1 if greedy else cfg.eval.n_samples) for problems in splits.values()
+                for _, greedy in modes)
+    # its own bar, gone when done: an evaluation of n samples per problem on a large split takes minutes
+    bar = tqdm(total=total, desc="eval", unit="response", leave=False, dynamic_ncols=True,
+               disable=not cfg.get("progress", True))
     try:
         for split, problems in splits.items():
-            modes = [("pass@1", False)] + ([("greedy", True)] if cfg.eval.greedy else [])
             for name, greedy in modes:
                 torch.manual_seed(seed)
                 s = score_problems(gen, tokenizer, task, problems, cfg.eval.n_samples, greedy, cfg.task.max_new_tokens,
                                    cfg.model.chat_template, cfg.eval.temperature, cfg.eval.top_p,
-                                   chunk=cfg.eval.batch_size)
+                                   chunk=cfg.eval.batch_size, bar=bar)
                 lo, hi = bootstrap_ci(s, cfg.eval.bootstrap, seed=seed)
                 out[f"eval/{split}/{name}"] = float(s.mean())
                 out[f"eval/{split}/{name}_lo"], out[f"eval/{split}/{name}_hi"] = lo, hi
     finally:
+        bar.close()
         if own:
             gen.close()
     model.train(was_training)

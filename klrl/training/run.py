@@ -113,8 +113,9 @@ def start_summary(cfg, run: RunDir, main: bool) -> dict:
     prev = run.read_summary() or {}
     summary = {"status": "running", "step": prev.get("step", 0), "steps": cfg.steps, "run_dir": str(run.path),
                "eval_sampling": eval_sampling(cfg), "versions": versions()}
-    if prev.get("initial_eval"):
-        summary["initial_eval"] = prev["initial_eval"]
+    for kept in ("initial_eval", "logger_ids"):  # a resumed run keeps its first evaluation and its W&B/MLflow runs
+        if prev.get(kept):
+            summary[kept] = prev[kept]
     if main:
         overrides, hydra_yaml = [], None
         try:

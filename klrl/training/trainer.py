@@ -49,15 +49,15 @@ def train(cfg: DictConfig, run_dir: Path | str) -> str:
         stack.enter_context(Heartbeat(run, main))
         p = build(cfg)
         start = summary["step"] = restore(cfg, run, p)
-        if start == 0:  # a fresh start evaluates afresh, whatever an earlier attempt recorded
+        if start == 0:  # a fresh start evaluates and logs afresh, whatever an earlier attempt recorded
             summary.pop("initial_eval", None)
+            summary.pop("logger_ids", None)
         signalled = stack.enter_context(Preemption())
         generator = make_generator(cfg, p.model, p.tokenizer)
         stack.callback(generator.close)
         source = make_source(cfg, p, generator, start)
         stack.callback(source.close)
-        logs = make_loggers(cfg, run, start, main)
-        stack.callback(logs.close)
+        logs = stack.enter_context(make_loggers(cfg, run, start, main, summary))  # closed with the run's status
         kl, pg = kl_spec(cfg), pg_spec(cfg)
         warn_grpo_reward_kl(kl, pg, main)
         splits = p.task.eval_splits()
