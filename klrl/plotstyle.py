@@ -1,6 +1,6 @@
 """One plotting style for every klrl figure (`klrl table --plots`, `klrl audit --plot`).
 
-A leaf module (matplotlib, numpy and scipy only; no klrl import), so that both the audit and the run tables use it.
+A leaf module (matplotlib, numpy, pandas and scipy only; no klrl import), so that both the audit and the run tables use it.
 
 The encoding, fixed and the same in every figure:
 
@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import os
 import tempfile
+import textwrap
 import zlib
 from pathlib import Path
 
@@ -41,6 +42,7 @@ FALLBACK_MARKERS = ("P", "*", "h", "p", "8", "d")
 VARIANT_NAMES = {"togo": "reward-to-go", "seqIS": "sequence IS weight", "tokIS": "token IS weight"}
 ROUNDOFF = 1e-12  # |relative bias| below this is float64 round-off: the configuration is unbiased
 FLOOR = 1e-16  # where exact zeros (and anything below) are drawn on a log axis
+PNG_DPI = 110  # the PNGs are committed (docs/figures): modest; the PDF beside each is the print copy
 
 
 def _stable_pick(name: str, options: tuple):
@@ -89,14 +91,19 @@ def style(estimator: str, placement: str) -> dict:
 
 
 def shade(color: str, i: int, n: int) -> tuple:
-    """The i-th of n shades of color: i = 0 the colour itself, later ones darker (mixed towards black, at most 50%;
-    darker, because the lighter neighbours of k1 and k3 are k1+ and k3+)."""
+    """The i-th of n shades of color: i = 0 the colour itself, later ones darker, down to 45% of its lightness
+    (darker, because the lighter neighbours of k1 and k3 are k1+ and k3+); a grey (none's, already dark) gets
+    lighter ones instead, up to a light grey."""
+    import colorsys
+
     from matplotlib.colors import to_rgb
 
     if n <= 1 or i == 0:
         return to_rgb(color)
-    w = 0.5 * i / (n - 1)
-    return tuple((1 - w) * c for c in to_rgb(color))
+    h, lightness, sat = colorsys.rgb_to_hls(*to_rgb(color))
+    f = i / (n - 1)
+    lightness = lightness + (0.75 - lightness) * f if sat < 0.2 else lightness * (1 - 0.55 * f)
+    return colorsys.hls_to_rgb(h, lightness, sat)
 
 
 # --- statistics ---------------------------------------------------------------------------------------------------
@@ -113,24 +120,19 @@ def t_halfwidth(sd, n, level: float = 0.95):
 
 
 def ema(values, span: int) -> np.ndarray:
-    """Exponential moving average with span `span` (alpha = 2 / (span + 1)), bias-corrected at the start like
-    pandas' `ewm(span, adjust=True)`; NaNs are skipped (they neither count nor reset it)."""
+    """Exponential moving average with span `span` (alpha = 2 / (span + 1)): pandas' `ewm(span, adjust=True,
+    ignore_na=True)`, bias-corrected at the start; NaNs are skipped (they neither count nor reset it)."""
+    import pandas as pd
+
     x = np.asarray(values, dtype=float)
     if span <= 1:
         return x.copy()
-    decay, num, den = 1 - 2 / (span + 1), 0.0, 0.0
-    out = np.full(len(x), np.nan)
-    for i, v in enumerate(x):
-        if math.isfinite(v):
-            num, den = decay * num + v, decay * den + 1
-        if den:
-            out[i] = num / den
-    return out
+    return pd.Series(x).ewm(span=span, adjust=True, ignore_na=True).mean().to_numpy()
 
 
 def auto_span(n_steps: int) -> int:
-    """The default EMA span: about 1/20 of the run, between 1 (no smoothing) and 50 steps."""
-    return int(max(1, min(50, round(n_steps / 20))))
+    """The default EMA span: about 1/10 of the run, between 1 (no smoothing) and 50 steps."""
+    return int(max(1, min(50, round(n_steps / 10))))
 
 
 # --- drawing ------------------------------------------------------------------------------------------------------
@@ -163,17 +165,34 @@ def new_mosaic(layout, size: tuple[float, float], **kw):
     return fig, axes
 
 
-def draw_curve(ax, x, line, style_kw: dict, raw=None, lo=None, hi=None, markers: int = 8, label=None) -> None:
-    """A smoothed line (with `markers` markers spread along it) over a faint raw trace, with a band lo..hi."""
+def band_alpha(n_curves: int) -> float:
+    """The opacity of a CI band among n_curves overlapping ones: their overlap stays light enough to read the lines
+    (bands sit below every line whatever the drawing order: collections have the lower zorder)."""
+    return min(0.15, 0.4 / max(n_curves, 1))
+
+
+def draw_curve(ax, x, line, style_kw: dict, raw=None, lo=None, hi=None, markers: int = 8, label=None,
+               alpha: float = 0.12) -> None:
+    """A smoothed line (with `markers` markers spread along it) over a faint raw trace, with a band lo..hi of
+    opacity `alpha`."""
     x = np.asarray(x, dtype=float)
     color, ls, marker = style_kw["color"], style_kw["linestyle"], style_kw.get("marker")
     if raw is not None:
         ax.plot(x, raw, color=color, lw=0.5, alpha=0.2, ls="-")
     if lo is not None and np.isfinite(np.asarray(lo, dtype=float)).any():
-        ax.fill_between(x, lo, hi, color=color, alpha=0.12, lw=0)
+        ax.fill_between(x, lo, hi, color=color, alpha=alpha, lw=0)
     every = max(1, len(x) // markers) if markers else None
     ax.plot(x, line, color=color, ls=ls, lw=1.6, marker=marker if markers else None, markevery=every, ms=4,
             label=label)
+
+
+def plain_log_ticks(ax) -> None:
+    """A log y-axis labelled with plain numbers (4, 20, 1000) instead of 4x10^0: for quantities read as numbers,
+    such as a gradient norm. Minor ticks are labelled only where the axis spans less than about a decade."""
+    from matplotlib.ticker import FuncFormatter, LogFormatter
+
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_formatter(LogFormatter())
 
 
 def spans_decades(values, decades: float = 2.0) -> bool:
@@ -252,8 +271,9 @@ def key_entries(estimators, placements, extra=()) -> list[tuple[str, list]]:
     return sections + list(extra)
 
 
-def sectioned_legend(fig, sections, max_rows: int = 9, **kw):
-    """One figure legend below the axes, one column per section (long sections wrap), a bold title atop each."""
+def sectioned_legend(fig, sections, max_rows: int = 9, wrap: int = 40, **kw):
+    """One figure legend below the axes, one column per section (long sections wrap), a bold title atop each;
+    labels longer than `wrap` characters are broken at spaces."""
     def per_column(items) -> int:  # balanced columns of at most max_rows - 1 entries
         return math.ceil(len(items) / math.ceil(len(items) / (max_rows - 1))) if items else 0
 
@@ -268,6 +288,7 @@ def sectioned_legend(fig, sections, max_rows: int = 9, **kw):
             handles += [h for h, _ in col]
             labels += [lab for _, lab in col]
         titles.add(title)
+    labels = [textwrap.fill(lab, wrap, break_long_words=False) for lab in labels]  # long run labels: two lines
     leg = fig.legend(handles, labels, loc="outside lower center", ncols=len(handles) // rows, fontsize="small",
                      frameon=False, columnspacing=1.5, handlelength=2.8, **kw)
     for text in leg.get_texts():
@@ -290,13 +311,29 @@ def save(fig, path: str | Path) -> list[Path]:
         fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.")
         try:
             with os.fdopen(fd, "wb") as f:
-                fig.savefig(f, format=p.suffix[1:].lower(), dpi=150, metadata=_metadata(p.suffix))
+                _write(fig, f, p.suffix[1:].lower())
             os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide the figure from everyone else
             os.replace(tmp, p)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
     return paths
+
+
+def _write(fig, f, fmt: str) -> None:
+    """fig in format fmt to the open file f; a PNG at PNG_DPI with its colours reduced to a 256-colour palette
+    (Pillow's median cut, no dithering: the same look at under half the size of the committed files)."""
+    if fmt != "png":
+        fig.savefig(f, format=fmt, metadata=_metadata("." + fmt))
+        return
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=PNG_DPI)
+    image = Image.open(buf).convert("RGB")
+    image.quantize(256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save(f, format="png", optimize=True)
 
 
 def _metadata(suffix: str) -> dict | None:

@@ -245,6 +245,38 @@ def test_sweep_figure_separates_round_off_from_bias():
     assert "error bar: min-max over 2 seeds" in legend
 
 
+def test_sweep_figure_one_seed_log_axes_and_a_legend_for_every_style(tmp_path):
+    """Both panels on log axes; one seed: no error bars, and the legend says so; every estimator and placement drawn
+    has its legend entry; configurations sit side by side around each T (their error bars cannot hide each other);
+    PNG and PDF written."""
+    import numpy as np
+
+    from klrl import plotstyle
+    from klrl.audit.report import sweep_figure, write_plot
+
+    names = ["k1-reward", "k2-loss", "k3-both", "abs-loss"]
+    configs = {n: {"rel_err": [0.1 * (i + 1)] * 3, "rel_err_seeds": [[0.1 * (i + 1)]] * 3, "var_group": [0.1, 1, 10],
+                   "var_group_seeds": [[0.1], [1], [10]]} for i, n in enumerate(names)}
+    configs["k1-reward"].update(rel_err=[0.0] * 3, rel_err_seeds=[[0.0]] * 3)  # unbiased: exactly 0
+    sweep = {"vocab": 2, "lengths": [1, 2, 3], "seeds": [0], "group_size": 2, "baseline": "rloo", "configs": configs}
+    png = tmp_path / "fig" / "audit.png"
+    assert write_plot(png, sweep) == [png, png.with_suffix(".pdf")]
+    assert png.read_bytes()[:4] == b"\x89PNG" and png.with_suffix(".pdf").read_bytes()[:5] == b"%PDF-"
+    fig = sweep_figure(sweep)
+    assert all(ax.get_yscale() == "log" for ax in fig.axes)
+    bars = [c for ax in fig.axes for c in ax.containers]
+    assert bars and not any(c.has_yerr for c in bars)
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert {"k1", "k2", "k3", "abs", "reward", "loss", "both", "one seed: no error bars"} <= set(legend)
+    assert "one random" in fig.get_suptitle()
+    var = next(ax for ax in fig.axes if ax.get_title() == "variance (exact)")
+    xs = np.array([c.lines[0].get_xdata() for c in var.containers])  # [config, T]
+    assert len({tuple(x) for x in xs}) == len(names) and (np.abs(xs - [1, 2, 3]) < 0.5).all()
+    strip = next(ax for ax in fig.axes if ax.get_facecolor()[0] < 0.95)
+    assert any("unbiased (k1-reward)" in t.get_text() for t in strip.texts)
+    assert strip.get_ylim()[1] == plotstyle.ROUNDOFF
+
+
 @pytest.mark.parametrize("args", [
     ["--vocab", "10", "--length", "10"],
     ["--vocab", "3", "--length", "3", "--group-size", "5"],

@@ -31,7 +31,8 @@ from klrl.runs.table.aggregate import (
 )
 from klrl.runs.table.load import load_run, load_sweep
 from klrl import plotstyle
-from klrl.runs.table.render import latex_table, markdown, model_figure, write_csv, write_latex, write_plots
+from klrl.runs.table.render import (CURVES, latex_table, markdown, model_figure, write_csv, write_latex,
+                                    write_plots)
 
 STEPS = 40
 
@@ -415,6 +416,48 @@ def test_figure_content(report):
     assert "in-domain pass@1 (evaluation)" in titles and "out-of-domain pass@1 (evaluation)" in titles
     legend = [t.get_text() for t in fig.legends[0].get_texts()]
     assert "EMA, span 4 steps" in legend and "k1/reward β=0.1 (n=4)" in legend and "colour = estimator" in legend
+
+
+def test_figure_single_seed_log_scale_smoothing_and_shades(tmp_path):
+    """One seed per configuration: n=1 said, no band across seeds and no "mean over seeds"; a gradient norm that
+    spans decades on a log axis (reward linear); the EMA (pandas' ewm, span in the title) over the faint raw trace;
+    a second factor (the lag) told apart by shade, the same shade in every colour, explained in the legend."""
+    from matplotlib.colors import to_rgb
+
+    spiky = train_records(STEPS, lambda t: 0.3 + 0.3 * (t % 3 == 0))
+    for r in spiky:
+        r["grad_norm"] = 5000.0 if r["step"] == 20 else 1.0 + 0.01 * r["step"]
+    ev = {0: evaluation(0.35), 20: evaluation(0.4), STEPS: evaluation(0.45)}
+    for lag in (0, 10):
+        write_run(tmp_path, [*K1R, f"async_level={lag}", "algo.is_truncate=8"], "completed", spiky, ev)
+        write_run(tmp_path, [*K3L, f"async_level={lag}", "algo.is_truncate=8"], "completed",
+                  train_records(STEPS, lambda t: 0.35), ev)
+    rep = make_report(load_sweep([tmp_path])[0])
+    fig = model_figure("tiny", rep.groups, span=5)
+    axes = {ax.get_title().split(" (")[0]: ax for ax in fig.axes}
+    assert axes["gradient norm before clipping"].get_yscale() == "log"
+    assert axes["training reward"].get_yscale() == axes["entropy"].get_yscale() == "linear"
+    title = fig.get_suptitle()
+    assert "one seed per configuration (n=1), so no band across seeds" in title and "EMA (span 5 steps)" in title
+    assert "mean over seeds" not in title and "min" not in title
+    train_axes = [axes[t.split(" (")[0]] for _, t in CURVES]
+    assert not any(ax.collections for ax in train_axes)  # no band with one seed
+    assert all(ax.collections for ax in fig.axes if "pass@1" in ax.get_title())  # a single seed's bootstrap CI
+    reward = axes["training reward"]
+    label = "k1/reward β=0.1 async_level=0"
+    line = next(ln for ln in reward.get_lines() if ln.get_label() == label)
+    raw = np.array([r["reward"] for r in spiky])
+    assert line.get_ydata() == pytest.approx(pd.Series(raw).ewm(span=5).mean().to_numpy())
+    faint = [ln for ln in reward.get_lines() if ln.get_alpha() is not None and ln.get_alpha() < 0.5]
+    assert any(np.allclose(ln.get_ydata(), raw) for ln in faint)  # the raw trace under it
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert {"colour = estimator", "k1", "k3", "line style = placement", "reward", "loss", "shade of a colour",
+            "async_level=0", "async_level=10", "raw run", "EMA, span 5 steps"} <= set(legend)
+    assert f"{label} (n=1)" in legend and "95% CI across seeds (t)" not in legend
+    lines = {ln.get_label(): ln for ln in reward.get_lines()}
+    for est, place in (("k1", "reward"), ("k3", "loss")):
+        light, dark = (to_rgb(lines[f"{est}/{place} β=0.1 async_level={a}"].get_color()) for a in (0, 10))
+        assert light == to_rgb(plotstyle.PALETTE[est]) and dark == plotstyle.shade(plotstyle.PALETTE[est], 1, 2)
 
 
 def test_damaged_runs_never_crash(tmp_path):

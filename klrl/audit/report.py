@@ -37,9 +37,10 @@ def regime_table(title: str, result: dict, regime: str, G: int) -> str:
     main, others = params[0], params[1:]
     reg = result["policies"][main][regime]
     width = max([len(r["verdict"]) for r in reg["configs"].values()] + [30])
-    head = (f"{'config':<22} {'verdict (' + main + ')':<{width}} {'|bias|':>7} {'cos':>6} {'cos':>6} "
+    nw = max([len(n) for n in reg["configs"]] + [22])  # a preset's name (`klrl audit preset=...`) is longer
+    head = (f"{'config':<{nw}} {'verdict (' + main + ')':<{width}} {'|bias|':>7} {'cos':>6} {'cos':>6} "
             f"{'var':>8} {'var':>8}")
-    sub = f"{'':<22} {'':<{width}} {'/|rev|':>7} {'rev':>6} {'fwd':>6} {'1':>8} {'G=' + str(G):>8}"
+    sub = f"{'':<{nw}} {'':<{width}} {'/|rev|':>7} {'rev':>6} {'fwd':>6} {'1':>8} {'G=' + str(G):>8}"
     for o in others:
         head += f" | {o + ': |bias|/|rev|':<24}"
         sub += f" | {'':<24}"
@@ -50,7 +51,7 @@ def regime_table(title: str, result: dict, regime: str, G: int) -> str:
                    + (f", KL(pi_old||pi) = {r['kl_old_pi']:.4f}" if regime == "off_policy" else ""))
     lines = [title, *("  " + k for k in kls), head, sub]
     for name, row in reg["configs"].items():
-        line = (f"{name:<22} {row['verdict']:<{width}} {_num(row['vs_rev']['rel_err'], 7)} "
+        line = (f"{name:<{nw}} {row['verdict']:<{width}} {_num(row['vs_rev']['rel_err'], 7)} "
                 f"{_cos(row['vs_rev']['cos'])} {_cos(row['vs_fwd']['cos'])} {_num(row['var_single'], 8)} "
                 f"{_num(row['var_group'], 8)}")
         for o in others:
@@ -141,21 +142,24 @@ def coincident(sweep: dict, names: list[str], keys=("rel_err", "var_group")) -> 
 
 def _sweep_lines(axes, sweep: dict, names: list[str], key: str) -> tuple[list[str], list[float]]:
     """On each of `axes` (log y): one line per configuration in plotstyle's encoding (colour = estimator, line
-    style = placement) with min-max error bars over the seeds. Returns the configurations at float round-off at every
+    style = placement) with min-max error bars over the seeds, each configuration a little to the side of T so that
+    the bars do not hide each other. Returns the configurations at float round-off at every
     T (drawn without error bars) and every value the others reach (means and error-bar ends)."""
     import numpy as np
 
     from klrl import plotstyle
 
     at_roundoff, reach = [], []
-    for n in names:
+    x = np.asarray(sweep["lengths"], dtype=float)
+    step = 0.6 * (np.diff(x).min() if len(x) > 1 else 1.0) / max(len(names), 1)  # dodge: error bars side by side
+    for i, n in enumerate(names):
         y, err = _spread(sweep["configs"][n], key, plotstyle.FLOOR)
         if bool((y[np.isfinite(y)] < plotstyle.ROUNDOFF).all()):
             at_roundoff.append(n)
             err = None  # seed-to-seed differences of round-off say nothing
         reach += list(y) + ([] if err is None else list(y - err[0]) + list(y + err[1]))
         for ax in axes:
-            ax.errorbar(sweep["lengths"], y, yerr=err, capsize=2.5, elinewidth=0.8, lw=1.4, ms=5, label=n,
+            ax.errorbar(x + (i - (len(names) - 1) / 2) * step, y, yerr=err, capsize=2.5, elinewidth=0.8, lw=1.4, ms=5, label=n,
                         **plotstyle.style(*plotstyle.split_config(n)))
     for ax in axes:
         ax.set_yscale("log")
@@ -195,7 +199,7 @@ def sweep_figure(sweep: dict):
     extra = [("marks", marks)]
     same = [(Line2D([], [], ls="none"), " = ".join(g)) for g in coincident(sweep, names)]
     if same:
-        extra.append(("same numbers (lines overlap)", same))
+        extra.append(("same numbers (drawn side by side)", same))
     split = [plotstyle.split_config(n) for n in names]
     plotstyle.sectioned_legend(fig, plotstyle.key_entries([e for e, _ in split], [p for _, p in split], extra))
     fig.suptitle(f"KL gradient estimators against response length T: tabular policy, V={sweep['vocab']}, "

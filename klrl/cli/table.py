@@ -45,7 +45,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--plots", type=_path, metavar="DIR",
                    help="figures, one per model: training curves and pass@1 evaluations, PNG and PDF")
     p.add_argument("--ema", type=flag(Int(1), int), metavar="STEPS",
-                   help="--plots: span of the moving average drawn over the raw curves (default: about 1/20 of the "
+                   help="--plots: span of the moving average drawn over the raw curves (default: about 1/10 of the "
                         "run, at most 50; 1 = no smoothing)")
     g = p.add_argument_group("collapse rule (see `klrl.runs.table.aggregate` / docs/table.md)")
     g.add_argument("--window", type=flag(Int(1), int), default=d.window,

@@ -177,7 +177,7 @@ def write_latex(report: Report, path: Path) -> None:
 
 
 # "linear", or a number of decades: a log axis (and geometric means) when the logged values span more than that.
-CURVE_SCALES = {"reward": "linear", "kl/exact": 2.0, "entropy": 2.0, "grad_norm": 1.0}
+CURVE_SCALES = {"reward": "linear", "kl/exact": 1.5, "entropy": 2.0, "grad_norm": 1.0}
 BOUNDS = {"kl/exact": (0, None), "entropy": (0, None), "eval/id/pass@1": (0, 1), "eval/ood/pass@1": (0, 1)}
 EVAL_CURVES = (("eval/id/pass@1", "in-domain pass@1 (evaluation)"),
                ("eval/ood/pass@1", "out-of-domain pass@1 (evaluation)"))
@@ -229,16 +229,45 @@ def eval_curves(runs, key: str) -> pd.DataFrame:
     return pd.DataFrame({"step": mean.index, "mean": mean, "lo": lo, "hi": hi, "n": n}).reset_index(drop=True)
 
 
+def _natural(text: str) -> tuple:
+    """A sort key that orders the numbers inside text by value: async_level=2 before async_level=10."""
+    return tuple((0, float(t), "") if re.fullmatch(r"\d+(\.\d+)?", t) else (1, 0.0, t)
+                 for t in re.split(r"(\d+(?:\.\d+)?)", text))
+
+
+def shade_keys(groups) -> list[tuple[str, str] | None]:
+    """The shade of each group: what tells apart groups that share an estimator and a placement (β, and the other
+    split keys such as async_level), as (sort key, label); None for a group alone in its estimator and placement:
+    it keeps the estimator's own colour, the colour it has in every other figure (`klrl audit --plot`'s too)."""
+    by_config: dict = {}
+    for g in groups:
+        by_config.setdefault((g.estimator, g.placement), []).append(g)
+    shared = [gs for gs in by_config.values() if len(gs) > 1]
+    vary_beta = any(len({g.beta for g in gs}) > 1 for gs in shared)
+    vary_other = any(len({g.other for g in gs}) > 1 for gs in shared)
+
+    def key(g) -> tuple[str, str]:
+        parts = [f"β={g.beta:g}"] * vary_beta + [g.other] * vary_other
+        return (f"{g.beta:020.10f} {g.other}" if vary_beta else g.other, " ".join(parts))
+
+    return [key(g) if len(by_config[(g.estimator, g.placement)]) > 1 else None for g in groups]
+
+
+def shade_levels(groups) -> list[tuple[str, str]]:
+    """The distinct shades of a figure, the pure colour first: (sort key, label), numbers in their value order."""
+    return sorted(dict.fromkeys(k for k in shade_keys(groups) if k), key=lambda k: _natural(k[0]))
+
+
 def group_styles(groups) -> list[dict]:
-    """plotstyle's style of each group; groups with the same estimator and placement (several betas, other keys)
-    get successive shades of the estimator's colour."""
-    same: dict = {}
-    for i, g in enumerate(groups):
-        same.setdefault((g.estimator, g.placement), []).append(i)
+    """plotstyle's style of each group (colour = estimator, line style = placement, marker = its options); groups
+    that share an estimator and a placement are told apart by shade: the i-th value of β / the other keys across
+    the figure is the i-th shade of the estimator's colour (the pure colour first), the same value the same shade
+    in every colour."""
+    levels = shade_levels(groups)
     out = [plotstyle.style(g.estimator, g.placement) for g in groups]
-    for members in same.values():
-        for j, i in enumerate(members):
-            out[i]["color"] = plotstyle.shade(out[i]["color"], j, len(members))
+    for st, k in zip(out, shade_keys(groups)):
+        if k:
+            st["color"] = plotstyle.shade(st["color"], levels.index(k), len(levels))
     return out
 
 
@@ -250,7 +279,8 @@ def _band(c: pd.DataFrame, key: str) -> tuple:
 def _train_panel(ax, groups, styles, key: str, span: int) -> None:
     """One training quantity: a log axis (and geometric means) when its logged values span more than
     CURVE_SCALES[key] decades (the gradient norm: one), linear otherwise."""
-    values = [v for g in groups for r in g.runs if key in r.train.columns for v in r.train[key].dropna()]
+    # KL, entropy and gradient norm are >= 0: an exact 0 (the KL of the first step) is left out, as on a log axis
+    values = [v for g in groups for r in g.runs if key in r.train.columns for v in r.train[key].dropna() if v > 0]
     log = CURVE_SCALES[key] != "linear" and plotstyle.spans_decades(values, CURVE_SCALES[key])
     lines, bands = [], []
     for g, st in zip(groups, styles):
@@ -259,13 +289,14 @@ def _train_panel(ax, groups, styles, key: str, span: int) -> None:
             continue
         lo, hi = _band(c, key)
         plotstyle.draw_curve(ax, c["step"], c["mean"], st, raw=c["raw"] if span > 1 else None, lo=lo, hi=hi,
-                             label=g.label)
+                             label=g.label, alpha=plotstyle.band_alpha(len(groups)))
         for x, y in ends:
             ax.plot([x], [y], ls="none", marker="x", ms=8, mew=2, color=st["color"])
         lines += [*c["mean"], *c["raw"], *(y for _, y in ends)]
         bands += [*lo, *hi]
     if log:
         ax.set_yscale("log")
+        plotstyle.plain_log_ticks(ax)
     plotstyle.fit_ylim(ax, lines, bands, log)
 
 
@@ -276,26 +307,67 @@ def _eval_panel(ax, groups, styles, key: str) -> bool:
         if c.empty:
             continue
         lo, hi = _band(c, key)
-        plotstyle.draw_curve(ax, c["step"], c["mean"], st, lo=lo, hi=hi, markers=len(c), label=g.label)
+        plotstyle.draw_curve(ax, c["step"], c["mean"], st, lo=lo, hi=hi, markers=len(c), label=g.label,
+                             alpha=plotstyle.band_alpha(len(groups)))
         lines, bands = lines + list(c["mean"]), bands + [*lo, *hi]
     plotstyle.fit_ylim(ax, lines, bands)
     return bool(lines)
+
+
+def short_label(text: str) -> str:
+    """A legend label with each config key cut to its last part: `algo.is_truncate=8.0` -> `is_truncate=8.0`."""
+    return re.sub(r"(?<![\w.])(?:[A-Za-z_]\w*\.)+(?=\w+=)", "", text)
+
+
+def seeds_drawn(group) -> int:
+    """n of a configuration in the figure: its runs with training records (diverged and running ones included)."""
+    return sum(len(r.train) > 0 for r in group.runs)
+
+
+def _shade_section(groups) -> list:
+    from matplotlib.lines import Line2D
+
+    levels = shade_levels(groups)
+    if len(levels) < 2:
+        return []
+    base = next((c for c in (plotstyle.estimator_color(g.estimator) for g in groups) if c != plotstyle.PALETTE["none"]),
+                plotstyle.PALETTE["none"])  # a colour that darkens, as every one but none's grey does
+    items = [(Line2D([], [], color=plotstyle.shade(base, i, len(levels)), lw=3), short_label(lab))
+             for i, (_, lab) in enumerate(levels)]
+    return [("shade of a colour", items)]
 
 
 def _legend(fig, groups, styles, span: int, diverged: bool) -> None:
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
-    drawn = [(Line2D([], [], color="0.2", lw=0.6, alpha=0.4), "raw mean over seeds")] * (span > 1)
-    drawn += [(Line2D([], [], color="0.2", lw=1.6), f"EMA, span {span} steps" if span > 1 else "no smoothing"),
-              (Patch(color="0.2", alpha=0.2, lw=0), "95% CI across seeds (t)")]
+    several = max(seeds_drawn(g) for g in groups) > 1
+    raw = "raw mean over seeds" if several else "raw run"
+    drawn = [(Line2D([], [], color="0.2", lw=0.6, alpha=0.4), raw)] * (span > 1)
+    drawn += [(Line2D([], [], color="0.2", lw=1.6), f"EMA, span {span} steps" if span > 1 else "no smoothing")]
+    drawn += [(Patch(color="0.2", alpha=0.2, lw=0), "95% CI across seeds (t)")] * several
+    single_eval = any(seeds_drawn(g) == 1 and len(r.evals) > 1 for g in groups for r in g.runs)
+    drawn += [(Patch(color="0.2", alpha=0.2, lw=0), "pass@1, n=1: bootstrap 95% CI")] * single_eval
     if diverged:
         drawn.append((Line2D([], [], color="0.2", ls="none", marker="x", ms=7, mew=2), "diverged run's last step"))
-    configs = [(Line2D([], [], lw=1.6, ms=4, **st), f"{g.label} (n={sum(len(r.train) > 0 for r in g.runs)})")
+    configs = [(Line2D([], [], lw=1.6, ms=4, **st), short_label(f"{g.label} (n={seeds_drawn(g)})"))
                for g, st in zip(groups, styles)]
     sections = plotstyle.key_entries([g.estimator for g in groups], [g.placement for g in groups],
-                                     [("drawn", drawn), ("configuration (n = runs)", configs)])
-    plotstyle.sectioned_legend(fig, sections)
+                                     _shade_section(groups) + [("drawn", drawn), ("configuration (n = seeds)", configs)])
+    plotstyle.sectioned_legend(fig, sections, max_rows=max(9, min(13, len(groups) + 1)))  # configurations: one column
+
+
+def _title(model: str, groups, span: int) -> str:
+    """What the figure shows: n, the smoothing and what the bands are, stated once (the legend repeats n)."""
+    ns = sorted({seeds_drawn(g) for g in groups})
+    smooth = f"EMA (span {span} steps) over the faint raw trace" if span > 1 else "not smoothed"
+    if ns == [1]:
+        seeds = "one seed per configuration (n=1), so no band across seeds"
+    else:
+        n = f"n={ns[0]}" if len(ns) == 1 else f"n={ns[0]}–{ns[-1]}, per configuration in the legend"
+        seeds = f"mean over seeds ({n}), band: 95% Student-t CI across seeds" + (" (none where n=1)" if 1 in ns else "")
+    return (f"{model}: {seeds}\ntraining curves: {smooth}; evaluation pass@1 at every evaluation step"
+            + (", a single seed's band: its bootstrap 95% CI over the problems" if 1 in ns else ""))
 
 
 def model_figure(model: str, groups, span: int):
@@ -304,7 +376,8 @@ def model_figure(model: str, groups, span: int):
 
     styles = group_styles(groups)
     has_eval = any(k in r.evals.columns for g in groups for r in g.runs for k, _ in EVAL_CURVES)
-    fig, axes = plotstyle.new_figure(3 if has_eval else 2, 2, (12, 13 if has_eval else 9.5), sharex=True)
+    wide = 12 + 2 * (len(groups) > 8 or bool(shade_levels(groups)))  # room for the legend's extra columns
+    fig, axes = plotstyle.new_figure(3 if has_eval else 2, 2, (wide, 13 if has_eval else 9.5), sharex=True)
     for ax, (key, title) in zip(axes.ravel(), CURVES):
         _train_panel(ax, groups, styles, key, span)
         ax.set_title(title + (" (log scale, geometric mean)" if ax.get_yscale() == "log" else ""))
@@ -319,14 +392,13 @@ def model_figure(model: str, groups, span: int):
         ax.set_xlabel("training step")
     diverged = any(r.status == "diverged" and len(r.train) for g in groups for r in g.runs)
     _legend(fig, groups, styles, span, diverged)
-    fig.suptitle(f"{model}: mean over seeds (n per configuration below); band: 95% Student-t CI across seeds "
-                 "(an evaluation with one seed: its bootstrap 95% CI over problems)", fontsize="medium")
+    fig.suptitle(_title(model, groups, span), fontsize="medium")
     return fig
 
 
 def write_plots(report: Report, out_dir: Path, span: int | None = None) -> list[Path]:
     """Per model, `curves_<model>.png` and its vector twin `.pdf`: reward, KL, entropy and gradient-norm training
-    curves of each configuration (EMA of span `span`, default about 1/20 of the run, over the faint raw mean, with
+    curves of each configuration (EMA of span `span`, default about 1/10 of the run, over the faint raw mean, with
     a 95% t-CI band across seeds) and the in-/out-of-domain pass@1 evaluations with their CIs. Every run with
     records is drawn, diverged and running ones too (up to where they are)."""
     out_dir = Path(out_dir)
