@@ -63,61 +63,103 @@ def build_tokenizer(vocab_size: int):
     return fast
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_workload_args(ap)
     ap.add_argument("--workdir", default=None, help="where the random model is saved for TRL (default: a temp dir)")
-    A = ap.parse_args()
-    t_start = time.perf_counter()
-    B = A.prompts * A.group
-    cuda = A.device == "cuda"
-    res = {"framework": "trl", "bench": "trl_bench", "status": "setup", "shape": A.shape, "precision": A.precision,
-           "device": device_name(A.device), "sequences": B, "prompts": A.prompts, "group": A.group,
-           "prompt_len": A.prompt_len, "new_tokens": A.new_tokens, "micro_batch": A.micro, "beta": A.beta,
-           "warmup_steps": A.warmup}
-    write_result(A.out, res)
-    if B % A.micro:
-        raise SystemExit(f"--micro {A.micro} must divide prompts x group = {B}")
+    return ap.parse_args()
 
-    import datasets
-    import torch
-    import transformers
-    import trl
-    from transformers import AutoModelForCausalLM, TrainerCallback
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
-    from trl import GRPOConfig, GRPOTrainer
 
-    transformers.logging.set_verbosity_error()
-    datasets.disable_progress_bars()
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    peak = (lambda: torch.cuda.max_memory_allocated() / 2**30) if cuda else (lambda: None)
+class Bench:
+    """One run's settings (A), its result dict (res, rewritten to --out as it fills) and the per-step timings."""
 
-    V = SHAPES[A.shape]["vocab_size"]
-    work = A.workdir or tempfile.mkdtemp(prefix="trl-bench-")
+    def __init__(self, A: argparse.Namespace):
+        self.A, self.t_start = A, time.perf_counter()
+        self.B, self.cuda = A.prompts * A.group, A.device == "cuda"
+        self.res = {"framework": "trl", "bench": "trl_bench", "status": "setup", "shape": A.shape,
+                    "precision": A.precision, "device": device_name(A.device), "sequences": self.B,
+                    "prompts": A.prompts, "group": A.group, "prompt_len": A.prompt_len, "new_tokens": A.new_tokens,
+                    "micro_batch": A.micro, "beta": A.beta, "warmup_steps": A.warmup}
+        self.rows: dict[int, dict] = {}  # optimizer step (1-based) -> figures
+        self.write()
+
+    def write(self) -> None:
+        write_result(self.A.out, self.res)
+
+    def elapsed(self) -> float:
+        return round(time.perf_counter() - self.t_start, 1)
+
+    def start_torch(self) -> None:
+        """Import torch and the HF stack quietly; sync and peak: no-ops on CPU."""
+        import datasets
+        import torch
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        datasets.disable_progress_bars()
+        self.torch = torch
+        self.sync = torch.cuda.synchronize if self.cuda else (lambda: None)
+        self.peak = (lambda: torch.cuda.max_memory_allocated() / 2**30) if self.cuda else (lambda: None)
+
+    def record(self, step: int) -> None:
+        """The figures of every fully timed step so far into res (and --out); a log line for `step`."""
+        A, rows = self.A, self.rows
+        done = [s for s in sorted(rows) if {"t0", "t1", "generate_s", "tokens"} <= rows[s].keys()]
+        figs = [{"generate_s": rows[s]["generate_s"], "train_s": rows[s]["t1"] - rows[s]["t0"] - rows[s]["generate_s"],
+                 "tokens": rows[s]["tokens"], "generate_peak_gib": rows[s].get("generate_peak_gib"),
+                 "train_peak_gib": rows[s].get("train_peak_gib")} for s in done]
+        self.res.update(step_figures(figs, A.warmup), status="ok" if len(done) == A.warmup + A.steps else "partial",
+                        generate_inside_step=all(rows[s]["t0"] <= rows[s]["gen_start"] <= rows[s]["t1"] for s in done),
+                        total_wall_s=self.elapsed())
+        self.write()
+        if done and done[-1] == step:
+            f = figs[-1]
+            log(f"step {step}{' (warm-up)' if step <= A.warmup else ''}: generate {f['generate_s']:.3f}s "
+                f"rest {f['train_s']:.3f}s tokens {f['tokens']:.0f}")
+
+
+def save_random_model(bench: Bench, work: str):
+    """The random Qwen2.5-shaped model and the WordLevel tokenizer, saved for TRL; (model_dir, tokenizer)."""
+    A, torch = bench.A, bench.torch
+    from transformers import AutoModelForCausalLM
+
     model_dir = os.path.join(work, f"model-{A.shape}-{A.precision}")
-    tok = build_tokenizer(V)
+    tok = build_tokenizer(SHAPES[A.shape]["vocab_size"])
     dtype = torch.float32 if A.precision == "mixed" else torch.bfloat16
     torch.manual_seed(A.seed)
     with torch.device(A.device):
         model = AutoModelForCausalLM.from_config(model_config(A.shape), dtype=dtype)
-    res["params"] = sum(p.numel() for p in model.parameters())
+    bench.res["params"] = sum(p.numel() for p in model.parameters())
     model.save_pretrained(model_dir)
     tok.save_pretrained(model_dir)
     del model
-    if cuda:
+    if bench.cuda:
         torch.cuda.empty_cache()
-    res["model_build_save_s"] = round(time.perf_counter() - t_start, 1)
+    bench.res["model_build_save_s"] = bench.elapsed()
+    return model_dir, tok
 
+
+def make_data(A: argparse.Namespace, n_prompts: int):
+    """(prompt texts, their dataset, the random 0/1 reward function over decoded completions)."""
+    import datasets
+
+    V = SHAPES[A.shape]["vocab_size"]
     rng = random.Random(A.seed)
-    n_prompts = B * (A.warmup + A.steps + 1)
     prompts = [" ".join(f"t{rng.randrange(4, V)}" for _ in range(A.prompt_len)) for _ in range(n_prompts)]
-    dataset = datasets.Dataset.from_dict({"prompt": prompts})
     reward_rng = random.Random(A.seed + 1)
 
     def random_reward(prompts, completions, **kw):  # klrl_bench: rewards = rand < 0.5
         assert all(isinstance(c, str) for c in completions)
         return [float(reward_rng.random() < 0.5) for _ in completions]
 
+    return prompts, datasets.Dataset.from_dict({"prompt": prompts}), random_reward
+
+
+def grpo_config(bench: Bench, work: str):
+    """TRL's GRPOConfig for the workload; (config, the name of its checkpointing flag)."""
+    from trl import GRPOConfig
+
+    A, B, cuda = bench.A, bench.B, bench.cuda
     fields = {f.name for f in dataclasses.fields(GRPOConfig)}
     ckpt_key = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
     cfg = GRPOConfig(
@@ -133,91 +175,127 @@ def main() -> None:
     )
     assert cfg.generation_batch_size == B and cfg.steps_per_generation == B // A.micro, (
         cfg.generation_batch_size, cfg.steps_per_generation)
+    return cfg, ckpt_key
 
-    rows: dict[int, dict] = {}  # optimizer step (1-based) -> figures
+
+def step_timer(bench: Bench):
+    """A callback stamping each optimizer step's start and end, and its completion tokens from TRL's log."""
+    from transformers import TrainerCallback
+
+    rows = bench.rows
 
     class StepTimer(TrainerCallback):
         def on_step_begin(self, args, state, control, **kw):
-            sync()
+            bench.sync()
             rows.setdefault(state.global_step + 1, {})["t0"] = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kw):
-            sync()
+            bench.sync()
             r = rows.setdefault(state.global_step, {})
-            r["t1"], r["train_peak_gib"] = time.perf_counter(), peak()
+            r["t1"], r["train_peak_gib"] = time.perf_counter(), bench.peak()
 
         def on_log(self, args, state, control, logs=None, **kw):
             if logs and "completions/mean_length" in logs:  # a training step's log, not the end-of-training one
                 r = rows.setdefault(state.global_step, {})
-                r["tokens"] = logs["completions/mean_length"] * B
-                record(state.global_step)
+                r["tokens"] = logs["completions/mean_length"] * bench.B
+                bench.record(state.global_step)
+
+    return StepTimer()
+
+
+def timed_trainer(bench: Bench):
+    """GRPOTrainer timing its `_generate` (tokenize, generate, decode) and the generation's peak memory."""
+    from trl import GRPOTrainer
+
+    torch, rows = bench.torch, bench.rows
 
     class Timed(GRPOTrainer):
         def _generate(self, *a, **kw):
-            sync()
-            if cuda:
+            bench.sync()
+            if bench.cuda:
                 torch.cuda.reset_peak_memory_stats()
             t0 = time.perf_counter()
             out = super()._generate(*a, **kw)
-            sync()
+            bench.sync()
             r = rows.setdefault(self.state.global_step + 1, {})
             r["generate_s"] = r.get("generate_s", 0.0) + time.perf_counter() - t0
-            r["generate_peak_gib"] = peak()
+            r["generate_peak_gib"] = bench.peak()
             r.setdefault("gen_start", t0)
-            if cuda:
+            if bench.cuda:
                 torch.cuda.reset_peak_memory_stats()  # the train peak: from here to the step's end
             return out
 
-    def record(step: int) -> None:
-        done = [s for s in sorted(rows) if {"t0", "t1", "generate_s", "tokens"} <= rows[s].keys()]
-        figs = [{"generate_s": rows[s]["generate_s"], "train_s": rows[s]["t1"] - rows[s]["t0"] - rows[s]["generate_s"],
-                 "tokens": rows[s]["tokens"], "generate_peak_gib": rows[s].get("generate_peak_gib"),
-                 "train_peak_gib": rows[s].get("train_peak_gib")} for s in done]
-        res.update(step_figures(figs, A.warmup), status="ok" if len(done) == A.warmup + A.steps else "partial",
-                   generate_inside_step=all(rows[s]["t0"] <= rows[s]["gen_start"] <= rows[s]["t1"] for s in done),
-                   total_wall_s=round(time.perf_counter() - t_start, 1))
-        write_result(A.out, res)
-        if done and done[-1] == step:
-            f = figs[-1]
-            log(f"step {step}{' (warm-up)' if step <= A.warmup else ''}: generate {f['generate_s']:.3f}s "
-                f"rest {f['train_s']:.3f}s tokens {f['tokens']:.0f}")
+    return Timed
 
+
+def train(bench: Bench, model_dir: str, tok, work: str) -> None:
+    """Build the trainer on the saved model, check what it will run, and train."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    A, res = bench.A, bench.res
+    prompts, dataset, random_reward = make_data(A, bench.B * (A.warmup + A.steps + 1))
+    cfg, ckpt_key = grpo_config(bench, work)
     # processing_class given explicitly: left to itself, TRL's AutoProcessor picks the class from the model type
     # (Qwen2Tokenizer for "qwen2"), which rebuilds a BPE tokenizer from this WordLevel file and encodes every prompt
     # to zero ids (seen with transformers 5.17).
-    try:
-        trainer = Timed(model=model_dir, reward_funcs=random_reward, args=cfg, train_dataset=dataset,
-                        processing_class=tok, callbacks=[StepTimer()])
-        trainer.remove_callback(PrinterCallback)
-        trainer.remove_callback(ProgressCallback)
-        assert trainer.ref_model is not None, "beta > 0 must create a reference model"
-        probe = trainer.processing_class(text=prompts[:2])["input_ids"]
-        assert [len(p) for p in probe] == [A.prompt_len] * 2, [len(p) for p in probe]
-        m = trainer.model
-        res.update(precision_detail=PRECISIONS[A.precision] + (
-            " (float32 weights + Trainer bf16 autocast), float32 reference" if cfg.bf16 else
-            " (float32 weights, no autocast on CPU)" if A.precision == "mixed" else ""),
-            trl={"loss_type": cfg.loss_type, "beta": cfg.beta, ckpt_key: True, "use_vllm": False,
-                 "gradient_accumulation_steps": cfg.gradient_accumulation_steps, "policy_dtype": str(m.dtype),
-                 "ref_dtype": str(trainer.ref_model.dtype)},
-            setup_s=round(time.perf_counter() - t_start, 1))
-        write_result(A.out, res)
-        log(f"{A.shape} {A.precision}: {res['params']:,} params, {m.dtype} on {m.device}, setup {res['setup_s']}s")
-        trainer.train()
-    finally:
-        shutil.rmtree(model_dir, ignore_errors=True)  # GBs of random weights
-        if not A.workdir:
-            shutil.rmtree(work, ignore_errors=True)
-    res["versions"] = {"trl": trl.__version__, "transformers": transformers.__version__, "torch": torch.__version__,
-                       "datasets": datasets.__version__, "accelerate": __import__("accelerate").__version__}
+    trainer = timed_trainer(bench)(model=model_dir, reward_funcs=random_reward, args=cfg, train_dataset=dataset,
+                                   processing_class=tok, callbacks=[step_timer(bench)])
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    assert trainer.ref_model is not None, "beta > 0 must create a reference model"
+    probe = trainer.processing_class(text=prompts[:2])["input_ids"]
+    assert [len(p) for p in probe] == [A.prompt_len] * 2, [len(p) for p in probe]
+    m = trainer.model
+    res.update(precision_detail=PRECISIONS[A.precision] + (
+        " (float32 weights + Trainer bf16 autocast), float32 reference" if cfg.bf16 else
+        " (float32 weights, no autocast on CPU)" if A.precision == "mixed" else ""),
+        trl={"loss_type": cfg.loss_type, "beta": cfg.beta, ckpt_key: True, "use_vllm": False,
+             "gradient_accumulation_steps": cfg.gradient_accumulation_steps, "policy_dtype": str(m.dtype),
+             "ref_dtype": str(trainer.ref_model.dtype)},
+        setup_s=bench.elapsed())
+    bench.write()
+    log(f"{A.shape} {A.precision}: {res['params']:,} params, {m.dtype} on {m.device}, setup {res['setup_s']}s")
+    trainer.train()
+
+
+def finish(bench: Bench) -> None:
+    """Versions and the final status into --out; exit non-zero unless every step was timed."""
+    import accelerate
+    import datasets
+    import transformers
+    import trl
+
+    A, res, rows = bench.A, bench.res, bench.rows
+    res["versions"] = {"trl": trl.__version__, "transformers": transformers.__version__,
+                       "torch": bench.torch.__version__, "datasets": datasets.__version__,
+                       "accelerate": accelerate.__version__}
     if res.get("status") != "ok":
         res["status"] = "failed"
         res["reason"] = f"{len([s for s in rows if 't1' in rows[s]])} of {A.warmup + A.steps} steps were timed"
-    write_result(A.out, res)
+    bench.write()
     if res["status"] != "ok":
         raise SystemExit(res["reason"])
     log(f"done: step {res['step_s']}s, generate {res['generate_tokens_per_s']} tok/s, "
         f"train {res['train_tokens_per_s']} tok/s")
+
+
+def main() -> None:
+    A = parse_args()
+    bench = Bench(A)
+    if bench.B % A.micro:
+        raise SystemExit(f"--micro {A.micro} must divide prompts x group = {bench.B}")
+    import trl  # noqa: F401  (an ImportError here, before any work, is how run.sh learns TRL is missing)
+
+    bench.start_torch()
+    work = A.workdir or tempfile.mkdtemp(prefix="trl-bench-")
+    model_dir, tok = save_random_model(bench, work)
+    try:
+        train(bench, model_dir, tok, work)
+    finally:
+        shutil.rmtree(model_dir, ignore_errors=True)  # GBs of random weights
+        if not A.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+    finish(bench)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@
   sync(model)    from now on sample from `model`'s current weights (the trainer calls it after each optimizer step)
   close()        free the engine
 
-hf    transformers `generate` on the live module (klrl.sampling.rollout.generate); sync only rebinds the module, no copy.
+hf    the live module's own forward and KV cache, in klrl's decoding loop (klrl.sampling.rollout.generate: token for
+      token what transformers `generate` draws, without its per-token overhead); sync only rebinds the module.
 vllm  a vLLM engine in this process, on the trainer's GPU (optional extra `klrl[vllm]`); sync copies the weights
       in. Its rollouts have the hf layout (`rollout_from_tokens`) plus vLLM's own log-probs of the sampled tokens.
 
@@ -42,15 +43,17 @@ class Generator(Protocol):
 
 
 class HFGenerator:
-    """transformers `generate` on a live module: whatever weights the module holds when it samples."""
+    """Sampling from a live module (its forward, in klrl.sampling.rollout.decode): whatever weights it holds."""
 
     def __init__(self, cfg: DictConfig, model: torch.nn.Module, tokenizer):
         self.model, self.tokenizer = model, tokenizer
 
-    def generate(self, prompt_ids, max_new_tokens, temperature=1.0, top_p=1.0, greedy=False) -> Rollout:
+    def generate(self, prompt_ids, max_new_tokens, temperature=1.0, top_p=1.0, greedy=False,
+                 min_new_tokens: int = 0) -> Rollout:
         self.model.eval()  # no dropout while sampling; update() switches back to train()
         # A sharded (FSDP) model is sampled inside the caller's klrl.training.distributed.gathered().
-        return generate(self.model, self.tokenizer, prompt_ids, max_new_tokens, temperature, top_p, greedy)
+        return generate(self.model, self.tokenizer, prompt_ids, max_new_tokens, temperature, top_p, greedy,
+                        min_new_tokens=min_new_tokens)
 
     def sync(self, model: torch.nn.Module) -> None:
         self.model = model

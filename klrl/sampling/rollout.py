@@ -109,51 +109,84 @@ def generate(
     top_p: float = 1.0,
     greedy: bool = False,
     sampler_logprobs: bool = False,
+    min_new_tokens: int = 0,
 ) -> Rollout:
-    """Sample with transformers `generate` from the live model (the hf backend).
+    """Sample from the live model (the hf backend): transformers' forward with its KV cache, in klrl's own decoding
+    loop (`decode`), which draws exactly as transformers' `generate` does, minus its per-token overhead.
 
     sampler_logprobs: also return, as `sampler_logp`, the log-probs of the sampled tokens under the distribution
-    `generate` itself drew them from (its processed scores): a check of the trainer's `sampler_logits`, costing a
-    [steps, B, V] tensor.
+    they were drawn from (the processed scores): a check of the trainer's `sampler_logits`. min_new_tokens: end ids
+    are suppressed before that many tokens (benchmarks/vs_trl.py: the same response lengths on both sides); the
+    responses then no longer come from the policy's distribution.
 
     Exactly softmax(logits / temperature), nucleus-cut at top_p, and nothing else: a checkpoint's own generation
-    defaults (Qwen2.5-Instruct ships repetition_penalty=1.05, top_k=20) are kept out, since transformers fills every
-    option the caller leaves unset from them, and each would make the samples come from a distribution other than
-    the policy whose log-probs the loss uses."""
-    from transformers import GenerationConfig
-
+    defaults (Qwen2.5-Instruct ships repetition_penalty=1.05, top_k=20) play no part, since each would make the
+    samples come from a distribution other than the policy whose log-probs the loss uses."""
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id
     ends = end_ids(model, tokenizer)
     ids, attn = left_pad(prompt_ids, pad)
     width = ids.shape[1]
-    sampling = {} if greedy else {"temperature": temperature, "top_p": top_p, "top_k": 0}
-    own, model.generation_config = model.generation_config, GenerationConfig(pad_token_id=pad)
-    try:
-        out = model.generate(
-            input_ids=ids.to(device),
-            attention_mask=attn.to(device),
-            do_sample=not greedy,
-            max_new_tokens=max_new_tokens,
-            pad_token_id=pad,
-            eos_token_id=ends,
-            # transformers turns this on for FSDP modules (an all-reduce per token); klrl samples on gathered weights.
-            synced_gpus=False,
-            output_scores=sampler_logprobs,
-            return_dict_in_generate=sampler_logprobs,
-            **sampling,
-        )
-    finally:
-        model.generation_config = own
-    seqs = (out.sequences if sampler_logprobs else out).cpu()
-    responses = seqs[:, width:]
+    tokens, lp = decode(model, ids.to(device), attn.to(device), max_new_tokens, pad, ends, temperature, top_p,
+                        greedy, sampler_logprobs, min_new_tokens)
+    responses = tokens.cpu()
     rmask = response_mask(responses, ends)
-    lp = None
-    if sampler_logprobs:
-        scores = torch.stack(out.scores, 1).float().cpu()  # [B, R, V] what each token was drawn from
-        lp = torch.log_softmax(scores, -1).gather(-1, responses[..., None]).squeeze(-1)
-        lp = torch.where(rmask > 0, lp, torch.zeros_like(lp))
-    return Rollout(seqs, torch.cat([attn, rmask.long()], -1), width, rmask, lp)
+    if lp is not None:
+        lp = torch.where(rmask > 0, lp.cpu(), torch.zeros_like(rmask))
+    return Rollout(torch.cat([ids, responses], -1), torch.cat([attn, rmask.long()], -1), width, rmask, lp)
+
+
+def _cache_key(model) -> str:
+    """The keyword of the KV cache in the model's forward: `cache` (transformers >= 5.2x), `past_key_values` before."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def decode(model, ids: Tensor, attn: Tensor, max_new_tokens: int, pad: int, ends: Sequence[int],
+           temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False, want_logp: bool = False,
+           min_new_tokens: int = 0) -> tuple[Tensor, Tensor | None]:
+    """[B, R] sampled tokens (pad after a row's end id; R < max_new_tokens when every row ended early) and, with
+    want_logp, their [B, R] log-probs under the processed distribution.
+
+    Step for step what transformers' `generate(do_sample=True)` does with temperature / top_p (its
+    TemperatureLogitsWarper and TopPLogitsWarper are `klrl.core.distributions.sampling_logits`) and nothing else
+    configured: the same prefill (last position's logits only), the same cache, position ids and attention mask,
+    one `torch.multinomial` draw per step from softmax of the processed float32 scores (argmax when greedy), end
+    ids masked to -inf before min_new_tokens, finished rows fed pad. The same seed gives the same tokens."""
+    B = ids.shape[0]
+    key = _cache_key(model)
+    pos = (attn.cumsum(-1) - 1).masked_fill(attn == 0, 0)
+    out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1)
+    cache = out.cache if hasattr(out, "cache") else out.past_key_values
+    end_t = torch.tensor(list(ends), device=ids.device)
+    live = torch.ones(B, dtype=torch.bool, device=ids.device)
+    ones = torch.ones((B, 1), dtype=attn.dtype, device=ids.device)
+    toks, logps = [], []
+    nxt_pos = pos[:, -1:]
+    for t in range(max_new_tokens):
+        scores = out.logits[:, -1, :].float()
+        if t < min_new_tokens:
+            scores[:, end_t] = float("-inf")
+        if greedy:
+            tok = scores.argmax(-1)
+        else:
+            scores = sampling_logits(scores, temperature, top_p)
+            tok = torch.multinomial(torch.softmax(scores, -1), 1).squeeze(1)
+        if want_logp:
+            logps.append(torch.log_softmax(scores, -1).gather(-1, tok[:, None]).squeeze(1))
+        tok = torch.where(live, tok, torch.full_like(tok, pad))
+        toks.append(tok)
+        live &= ~torch.isin(tok, end_t)
+        if t + 1 == max_new_tokens or not bool(live.any()):
+            break
+        attn = torch.cat([attn, ones], -1)
+        nxt_pos = nxt_pos + 1
+        out = model(input_ids=tok[:, None], attention_mask=attn, position_ids=nxt_pos, use_cache=True,
+                    **{key: cache})
+        cache = out.cache if hasattr(out, "cache") else out.past_key_values
+    tokens = torch.stack(toks, 1) if toks else ids.new_zeros((B, 0))
+    return tokens, (torch.stack(logps, 1) if want_logp and logps else None)
 
 
 def decode_responses(tokenizer, rollout: Rollout) -> list[str]:

@@ -1,0 +1,41 @@
+"""benchmarks/vs_trl.py end to end on the tiny workload, a few steps: klrl and TRL (the bench extra) in turns on
+identical work, the ratio and its spread written to JSON."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+HAVE_TRL = importlib.util.find_spec("trl") is not None
+STEPS = 3
+
+
+@pytest.mark.skipif(not HAVE_TRL, reason="trl is not installed (pip install -c constraints.txt -e '.[bench]')")
+def test_vs_trl_tiny_runs_identical_work(tmp_path):
+    out = tmp_path / "vs_trl.json"
+    p = subprocess.run([sys.executable, str(BENCH / "vs_trl.py"), "--model", "tiny", "--pairing", "all",
+                        "--steps", str(STEPS), "--threads", "1", "--out", str(out), "--set", "model.warmstart.steps=40"],
+                       cwd=BENCH, capture_output=True, text=True, timeout=900, env={**os.environ})
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
+    res = json.loads(out.read_text())
+    assert set(res["runs"]) == {"tiny/grpo_k3_loss/threads=1", "tiny/rloo_k1_reward/threads=1"}
+    for name, r in res["runs"].items():
+        for key in ("ratio_trl_over_klrl", "cpu_ratio_trl_over_klrl"):
+            s = r[key]
+            lo, hi = s["ci95_bootstrap"]
+            assert s["ratio_of_medians"] > 0 and 0 < lo <= hi, (name, key, s)
+        assert len(r["per_step_s"]["klrl"]) == len(r["per_step_s"]["trl"]) == STEPS
+        idn = r["identical"]
+        assert idn["sequences_per_step"] == [64, 64] and idn["generated_tokens_per_step"] == [512, 512], idn
+        flags = {k: v for k, v in idn.items() if k.startswith(("same_", "kl_nonzero", "trl_logged"))}
+        assert flags and all(flags.values()), (name, idn)
+        assert idn["threads"] == [1, 1]
+        assert r["workload"]["klrl_overrides"] == ["model.warmstart.steps=40"]
+    assert p.stdout.count("identical work: yes") == 2, p.stdout[-3000:]
