@@ -17,9 +17,17 @@ from hydra._internal.utils import get_args_parser
 BASIC_SWEEPER = f"{BasicSweeper.__module__}.{BasicSweeper.__qualname__}"
 
 
+def basic_sweeper_class() -> type:
+    """BasicSweeper as Hydra's plugin scan last loaded it: the scan re-executes its core plugin modules, so a class
+    imported before it is stale, and a sweeper built on that one fails in BasicSweeper.__init__'s super() call."""
+    import importlib
+
+    return importlib.import_module(BasicSweeper.__module__).BasicSweeper
+
+
 def split_arguments(overrides, max_batch_size=None):
     """Hydra's expansion of sweep overrides (parsed `Override`s) into batches of jobs (lists of `key=value`)."""
     return BasicSweeper.split_arguments(overrides, max_batch_size)
 
 
-__all__ = ["BASIC_SWEEPER", "BasicSweeper", "get_args_parser", "split_arguments"]
+__all__ = ["BASIC_SWEEPER", "BasicSweeper", "basic_sweeper_class", "get_args_parser", "split_arguments"]

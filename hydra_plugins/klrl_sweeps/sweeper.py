@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from typing import Dict, List, Optional
 
-from klrl.hydra_private import BasicSweeper
+from klrl.hydra_private import basic_sweeper_class
 from hydra.core.override_parser.types import Override
 
 
-class GridSweeper(BasicSweeper):
+class GridSweeper(basic_sweeper_class()):
     def __init__(self, grid: Optional[str] = None, max_batch_size: Optional[int] = None,
                  params: Optional[Dict[str, str]] = None) -> None:
         super().__init__(max_batch_size=max_batch_size, params=params)
@@ -22,7 +22,7 @@ class GridSweeper(BasicSweeper):
     # BasicSweeper.sweep calls self.split_arguments(overrides, max_batch_size); everything else is inherited.
     def split_arguments(self, overrides: List[Override], max_batch_size: Optional[int]) -> List[List[List[str]]]:
         if self.grid is None:
-            return BasicSweeper.split_arguments(overrides, max_batch_size)
+            return basic_sweeper_class().split_arguments(overrides, max_batch_size)
         from klrl.runs.sweep import expand, load_grid
 
         jobs = expand(load_grid(self.grid).subgrids, [o.input_line for o in overrides])
