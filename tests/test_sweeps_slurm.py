@@ -112,10 +112,14 @@ def test_tiny_grid_runs_as_one_array_and_resubmission_skips_it(slurm_cluster, tm
 
 def test_a_failing_run_is_reported_with_the_others_and_resubmitted_alone(slurm_cluster, tmp_path):  # noqa: F811
     grid = tmp_path / "with_failure.yaml"
-    # Passes every check before submission; fails in the job: the warm-start cache cannot be created under a file.
+    # Passes every check before submission (the cache directory is writable); fails in the job: the warm-start
+    # cache's own folder inside it is a file.
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "warmstart").write_text("not a directory")
     grid.write_text("grid:\n"
                     "  - {estimator: [k1, k3], placement: loss}\n"
-                    "  - {estimator: k1, placement: reward, seed: 9, cache_dir: /dev/null/cache}\n")
+                    f"  - {{estimator: k1, placement: reward, seed: 9, cache_dir: {cache}}}\n")
     sweep = tmp_path / "fail"
     args = ["sweep", str(grid), *launcher(slurm_cluster), f"hydra.sweep.dir={sweep}", *FAST, "steps=2"]
     t0 = time.monotonic()
@@ -125,9 +129,9 @@ def test_a_failing_run_is_reported_with_the_others_and_resubmitted_alone(slurm_c
     table = proc.stdout[proc.stdout.rindex("RUN "):]
     rows = {line.split("  ")[0].strip(): line for line in table.splitlines()[1:4]}
     assert set(rows) == {"estimator=k1 placement=loss", "estimator=k3 placement=loss",
-                         "estimator=k1 placement=reward seed=9 cache_dir=/dev/null/cache"}
-    bad = rows["estimator=k1 placement=reward seed=9 cache_dir=/dev/null/cache"]
-    assert " failed " in bad and "NotADirectoryError" in bad
+                         f"estimator=k1 placement=reward seed=9 cache_dir={cache}"}
+    bad = rows[f"estimator=k1 placement=reward seed=9 cache_dir={cache}"]
+    assert " failed " in bad and "FileExistsError" in bad
     assert all(" completed " in r for k, r in rows.items() if "seed=9" not in k)
     assert "3 runs: 2 completed, 1 failed" in proc.stdout
     assert "klrl: 1 of 3 runs did not finish" in proc.stderr
