@@ -42,3 +42,15 @@ def run_klrl(*args: str, cwd: Path, check: bool = False, timeout: int = 300) -> 
     if check and proc.returncode != 0:
         raise AssertionError(f"klrl {' '.join(args)} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
     return proc
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test: tiny ops run faster, and matmul sums (which depend on the thread count)
+    compare equal with a one-thread generator's."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -67,15 +67,6 @@ def wait_gone(pids, timeout: float = 20.0) -> list[int]:
 
 
 @pytest.fixture
-def one_thread():
-    """The generator runs with one thread; compare against it with one thread too (matmul sums depend on it)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture
 def pipelines(monkeypatch) -> list:
     """Every Pipeline the trainer creates, to look at its generator process afterwards."""
     made = []

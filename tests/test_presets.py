@@ -40,12 +40,7 @@ MAX_DELTA = {"trl_grpo_bias_corrected": 20.0, "deepseek_v32": 20.0}
 OFF_POLICY_DIFFERS = {"trl_rloo"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops: one thread (conftest)
 
 
 def test_every_preset_has_an_oracle_and_provenance():

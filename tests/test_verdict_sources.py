@@ -8,7 +8,6 @@ import re
 from pathlib import Path
 
 import pytest
-import torch
 
 from klrl.cli.audit import readme_tables
 from klrl.core.estimators import ESTIMATORS, register
@@ -19,12 +18,7 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 BLOCK = re.compile(r"<!-- BEGIN klrl audit --markdown -->\n(.*?)<!-- END klrl audit --markdown -->", re.S)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops: one thread (conftest)
 
 
 def test_the_readme_tables_are_the_audits():
