@@ -46,6 +46,7 @@ def main() -> None:
         "step_s_median": round(med("time/step"), 4),
         "generate_tokens_per_s_median": round(med("tokens_per_s/generate")),
         "train_tokens_per_s_median": round(med("tokens_per_s/train")),
+        "versions": summary["versions"],
     }
     save(res, "train")
     print_metrics(res)

@@ -1,0 +1,56 @@
+"""The README's figures for the embedded default come from benchmarks/results/train.json, and a fresh `klrl train`
+with the pinned install (constraints.txt) reproduces that file's accuracies exactly."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from importlib.metadata import version
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = json.loads((ROOT / "benchmarks/results/train.json").read_text())
+
+
+def readme_row(label: str) -> str:
+    """The value cell of the README's benchmark row that starts with `label`."""
+    rows = [ln for ln in (ROOT / "README.md").read_text().splitlines() if ln.startswith(f"| {label}")]
+    assert len(rows) == 1, f"expected one README row starting with {label!r}, found {len(rows)}"
+    return rows[0].split("|")[2]
+
+
+def start_end(cell: str) -> tuple[float, float]:
+    start, end = re.findall(r"\d\.\d+", cell)[:2]
+    return float(start), float(end)
+
+
+@pytest.mark.parametrize("label,key", [("in-domain pass@1", "id_pass@1"), ("out-of-domain pass@1", "ood_pass@1")])
+def test_readme_quotes_the_recorded_benchmark(label, key):
+    assert start_end(readme_row(label)) == (round(RESULTS[f"{key}_start"], 3), round(RESULTS[f"{key}_end"], 3))
+
+
+def test_recorded_versions_are_the_pinned_ones():
+    pins = dict(ln.split("==") for ln in (ROOT / "constraints.txt").read_text().splitlines()
+                if "==" in ln and not ln.startswith("#"))
+    for pkg in ("transformers", "tokenizers", "numpy"):
+        assert RESULTS["versions"][pkg] == pins[pkg], pkg
+    assert RESULTS["versions"]["torch"].split("+")[0] == pins["torch"].split("+")[0]
+
+
+@pytest.mark.slow
+def test_a_fresh_default_run_reproduces_the_recorded_accuracies(tmp_path):
+    run = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "klrl", "train", "progress=false", f"hydra.run.dir={run}"],
+                          env={**os.environ, "KLRL_CACHE": str(tmp_path / "cache")},
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads((run / "summary.json").read_text())
+    got = {f"{split}_pass@1_{when}": summary[f"{when2}_eval"][f"eval/{split}/pass@1"]
+           for split in ("id", "ood") for when, when2 in (("start", "initial"), ("end", "final"))}
+    assert got == {k: RESULTS[k] for k in got}, "the pinned install no longer reproduces benchmarks/results/train.json"
+    assert summary["versions"]["transformers"] == version("transformers")
