@@ -11,7 +11,12 @@ import sys
 from importlib.metadata import version
 from pathlib import Path
 
+import pandas as pd
 import pytest
+from conftest import compose_cfg
+from omegaconf import OmegaConf
+
+from klrl.runs.table.aggregate import gradient_verdict
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = json.loads((ROOT / "benchmarks/results/train.json").read_text())
@@ -54,3 +59,17 @@ def test_a_fresh_default_run_reproduces_the_recorded_accuracies(tmp_path):
            for split in ("id", "ood") for when, when2 in (("start", "initial"), ("end", "final"))}
     assert got == {k: RESULTS[k] for k in got}, "the pinned install no longer reproduces benchmarks/results/train.json"
     assert summary["versions"]["transformers"] == version("transformers")
+
+
+def test_readme_table1_is_the_committed_sweep_table_with_todays_verdicts():
+    """The README's Table 1 rows are docs/figures/tiny/tiny.table1.csv (written by `klrl table --csv`), and its
+    gradient column is what the audit says today for each configuration, not a verdict typed once."""
+    table = pd.read_csv(ROOT / "docs/figures/tiny/tiny.table1.csv", keep_default_na=False)
+    lines = (ROOT / "README.md").read_text().splitlines()
+    for row in table.itertuples():
+        cells = [row.estimator, row.placement, row.gradient, row.stability,
+                 f"{row.id_rank:.0f} ({row.id_rank_detail})", f"{row.ood_rank:.0f} ({row.ood_rank_detail})"]
+        assert any([c.strip() for c in ln.strip("|").split("|")] == cells for ln in lines), cells
+        cfg = OmegaConf.to_container(compose_cfg(f"estimator={row.estimator}",
+                                                 *([f"placement={row.placement}"] if row.estimator != "none" else [])))
+        assert gradient_verdict(cfg) == row.gradient, (row.estimator, row.placement)
