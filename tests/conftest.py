@@ -36,6 +36,23 @@ def compose_cfg(*overrides: str):
     return compose(list(overrides), check=False)
 
 
+@pytest.fixture(scope="module")
+def tiny():
+    """(cfg, the warm-started tiny model in eval mode, its tokenizer, prompts): 24 in-domain (two-digit) and 24
+    out-of-domain (one-digit) arithmetic problems, so prompts of different lengths. One per test module."""
+    import random
+
+    from klrl.models.registry import load_model
+    from klrl.sampling.rollout import encode_prompts
+    from klrl.tasks import TASKS
+
+    cfg = compose_cfg(*FAST)
+    task = TASKS[cfg.task.name](cfg.task, cfg.seed)
+    model, tok = load_model(cfg.model, task, cfg.task, cfg.cache_dir)
+    problems = task.sample_train(random.Random(0), 24) + list(task.eval_splits()["ood"][:24])
+    return cfg, model.eval(), tok, encode_prompts(tok, [p.prompt for p in problems], False)
+
+
 def run_klrl(*args: str, cwd: Path, check: bool = False, timeout: int = 300) -> subprocess.CompletedProcess:
     proc = subprocess.run([sys.executable, "-m", "klrl", *args], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, env={**os.environ})

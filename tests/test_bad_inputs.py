@@ -8,10 +8,11 @@ evaluation's model) replaced by a tripwire, so an accepted case fails at once in
 through the real `python -m klrl` too.
 
 Kinds covered: non-finite and out-of-range numbers in every knob family, wrong types, out-of-range choices, schema
-entries as choices, unknown keys at every level (with suggestions) and `+key=value`, deleted or unset keys and
-groups, cross-field rules, `hydra.*` keys and unusable run/sweep directories, Hydra's flags (`--cfg`, `--info`,
-`--config-name`, ...) and override syntax, multiruns and sweeps (grid files too), audit/eval/table/status options,
-unwritable outputs, missing/corrupt run directories, and refused commands against an existing run.
+entries as choices, unknown keys at every level (with suggestions) and `+key=value`, keys of a logger not chosen,
+deleted or unset keys and groups, cross-field rules, `hydra.*` keys and unusable run/sweep directories, Hydra's flags
+(`--cfg`, `--info`, `--config-name`, ...) and override syntax, multiruns and sweeps (grid files too),
+audit/eval/table/status options, unwritable outputs, missing/corrupt run directories, and refused commands against an
+existing run.
 """
 
 from __future__ import annotations
@@ -156,6 +157,11 @@ TRAIN = [
     ("++foo=1", "unknown key 'foo'"),
     ("+optim.foo=1", "unknown key 'optim.foo'"),
     ("+model.warmstart.foo=1", "unknown key 'model.warmstart.foo'"),
+    # a key of a logger that is not chosen (the default is logger=tensorboard)
+    ("logger.wandb.project=x", "logger.wandb.project=x: the wandb logger is not selected; add "
+                               "logger=[tensorboard,wandb] (choices: mlflow, none, tensorboard, wandb)"),
+    ("logger=[tensorboard,wandb] logger.mlflow.experiment=e", "logger.mlflow.experiment=e: the mlflow logger is not "
+     "selected; replace logger=[tensorboard,wandb] with logger=[tensorboard,wandb,mlflow]"),
     # keys and groups removed or unset
     ("~beta", "~beta"),
     ("~optim", "~optim"),
@@ -386,6 +392,7 @@ SUBPROCESS = [
     ("train beta=nan", "beta=nan"),
     ("train --cfg job estimator=k9", "estimator='k9'"),
     ("train hydra.foo=1", "unknown key 'hydra.foo'"),
+    ("train logger.wandb.project=x", "the wandb logger is not selected; add logger=[tensorboard,wandb]"),
     ("train {fast} resume=true beta=0.2 hydra.run.dir={run}", "(beta: 0.1 -> 0.2)"),
     ("train task=math hydra.run.dir={cwd}/keep/empty/run", "task.train_data.path"),
     ("sweep {grid}/nan.yaml", "beta=nan"),

@@ -4,26 +4,11 @@ left-padded prompts: the distribution sampled stays softmax(z / T) cut to the to
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
 from transformers import GenerationConfig
 
-from klrl.models.registry import load_model
-from klrl.sampling.rollout import encode_prompts, end_ids, generate, left_pad
-from klrl.tasks import TASKS
-
-from conftest import FAST, compose_cfg
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    cfg = compose_cfg(*FAST)
-    task = TASKS[cfg.task.name](cfg.task, cfg.seed)
-    model, tok = load_model(cfg.model, task, cfg.task, cfg.cache_dir)
-    problems = task.sample_train(random.Random(0), 24) + list(task.eval_splits()["ood"][:24])
-    return model.eval(), tok, encode_prompts(tok, [p.prompt for p in problems], False)
+from klrl.sampling.rollout import end_ids, generate, left_pad
 
 
 @torch.no_grad()
@@ -44,7 +29,7 @@ def hf_generate(model, tok, prompts, n, greedy=False, min_new_tokens=0, **sampli
                                   dict(temperature=1.0, top_p=1.0, min_new_tokens=12)],
                          ids=["T1", "T0.7-p0.9", "T1.3-p0.5", "greedy", "min-new"])
 def test_decode_draws_what_transformers_generate_draws(tiny, opts):
-    model, tok, prompts = tiny
+    _, model, tok, prompts = tiny
     assert len({len(p) for p in prompts}) > 1  # ragged prompts: the left padding is exercised
     for seed in (0, 1):
         torch.manual_seed(seed)
@@ -57,7 +42,7 @@ def test_decode_draws_what_transformers_generate_draws(tiny, opts):
 
 
 def test_decode_sampler_logprobs_are_those_of_the_sampled_distribution(tiny):
-    model, tok, prompts = tiny
+    _, model, tok, prompts = tiny
     torch.manual_seed(0)
     ro = generate(model, tok, prompts, 8, 0.7, 0.9, sampler_logprobs=True)
     from klrl.sampling.rollout import policy_logprobs

@@ -31,17 +31,6 @@ def same(a, b) -> bool:
             and torch.equal(a.attention_mask, b.attention_mask) and torch.equal(a.response_mask, b.response_mask))
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    cfg = compose_cfg(*FAST)
-    task = TASKS[cfg.task.name](cfg.task, cfg.seed)
-    model, tok = load_model(cfg.model, task, cfg.task, cfg.cache_dir)
-    # In-domain (two-digit) and out-of-domain (one-digit) problems: prompts of different lengths.
-    problems = task.sample_train(random.Random(0), 24) + list(task.eval_splits()["ood"][:24])
-    prompts = encode_prompts(tok, [p.prompt for p in problems], False)
-    return cfg, model.eval(), tok, prompts
-
-
 def test_hf_generator_is_the_old_sampling_path_and_is_seeded(tiny):
     cfg, model, tok, prompts = tiny
     gen = make_generator(cfg, model, tok)

@@ -1,6 +1,7 @@
 """Loggers (`logger=[tensorboard,wandb,mlflow]`), read back from what the real libraries wrote: TensorBoard's event
 files, W&B's offline run file (WANDB_MODE=offline; records in W&B's own protobuf schema), MLflow's SQLite store
-through MlflowClient. A backend whose package is missing is refused in one line before anything is written."""
+through MlflowClient. A backend whose package is missing, or W&B online without credentials, is refused in one line
+before anything is written."""
 
 from __future__ import annotations
 
@@ -171,6 +172,64 @@ def test_a_missing_package_is_refused_in_one_line(logger, package, tmp_path):
     assert proc.stderr.strip().splitlines() == [f"klrl: logger={logger} needs the {package} package: "
                                                 f"pip install 'klrl[{logger}]'"]
     assert not list(tmp_path.iterdir())  # nothing built or written
+
+
+# Everything W&B reads credentials or its host from, besides HOME (~/.netrc, ~/.config/wandb) and the working directory
+WANDB_LOGIN_ENV = ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_BASE_URL", "WANDB_CONFIG_DIR", "WANDB_DIR",
+                   "NETRC")
+
+
+@pytest.fixture
+def no_wandb_login(tmp_path, monkeypatch) -> Path:
+    """W&B in online mode with no credentials anywhere: an empty HOME, none in the environment, an empty working
+    directory (no wandb/settings). There is no network to W&B here: nothing may try it."""
+    home, cwd = tmp_path / "home", tmp_path / "cwd"
+    home.mkdir()
+    cwd.mkdir()
+    for key in WANDB_LOGIN_ENV:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("WANDB_MODE", "online")
+    monkeypatch.chdir(cwd)
+    return home
+
+
+def test_wandb_online_without_credentials_is_refused_before_the_run(no_wandb_login, tmp_path):
+    """Not a failed run once the model is built (wandb.init's UsageError): one line, exit 2, nothing written."""
+    from klrl.config.schema import NO_WANDB_LOGIN
+
+    proc = run_klrl("train", *QUICK, "steps=1", "logger=[tensorboard,wandb]", cwd=Path.cwd())
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines() == [f"klrl: {NO_WANDB_LOGIN}"]
+    assert "wandb login" in NO_WANDB_LOGIN and "WANDB_MODE=offline" in NO_WANDB_LOGIN
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == ["cwd", "home"]
+
+
+@pytest.mark.parametrize("way", ["WANDB_API_KEY", "~/.netrc", "WANDB_MODE=offline", "WANDB_MODE=disabled",
+                                 "`wandb offline`"])
+def test_wandb_needs_credentials_only_online(no_wandb_login, way, monkeypatch):
+    """Each way W&B finds a key (the environment; the .netrc entry `wandb login` writes) or runs without one
+    (WANDB_MODE; the settings file `wandb offline` writes) passes the check."""
+    from klrl.config.schema import wandb_login_missing
+    from klrl.config.validate import validate
+
+    assert wandb_login_missing()
+    key = "0123456789abcdef" * 2 + "01234567"  # 40 characters, as W&B's keys
+    if way == "WANDB_API_KEY":
+        monkeypatch.setenv("WANDB_API_KEY", key)
+    elif way == "~/.netrc":
+        (no_wandb_login / ".netrc").write_text(f"machine api.wandb.ai\n  login user\n  password {key}\n")
+        (no_wandb_login / ".netrc").chmod(0o600)
+    elif way.startswith("WANDB_MODE="):
+        monkeypatch.setenv("WANDB_MODE", way.partition("=")[2])
+    else:
+        monkeypatch.delenv("WANDB_MODE")  # which a settings file does not override; unset, W&B runs online
+        assert wandb_login_missing()
+        subprocess.run([sys.executable, "-m", "wandb", "offline"], check=True, capture_output=True, timeout=120,
+                       env=dict(os.environ))
+        assert "offline" in (Path.cwd() / "wandb" / "settings").read_text()
+    assert not wandb_login_missing()
+    validate(compose_cfg(*QUICK, "logger=[tensorboard,wandb]"))
 
 
 def test_logger_none_and_the_deprecated_tensorboard_flag(tmp_path, caplog):

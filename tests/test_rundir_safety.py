@@ -176,3 +176,22 @@ def test_one_list_of_operational_keys():
 
     train_yaml = OmegaConf.load(Path(CONF_DIR) / "train.yaml")
     assert sorted(train_yaml.hydra.job.config.override_dirname.exclude_keys) == sorted(RESUMABLE)
+
+
+@pytest.mark.parametrize("umask,expected", [(0o022, 0o644), (0o077, 0o600)])
+def test_atomic_writes_get_the_mode_open_gives(tmp_path, umask, expected):
+    """A file atomic_write leaves has the mode a plain open() would give it (0666 less the umask), not the 0600 of
+    tempfile.mkstemp; replacing a file does too, and no temporary file is left behind."""
+    from klrl.runs.rundir import atomic_write, write_json
+
+    old = os.umask(umask)
+    try:
+        atomic_write(tmp_path / "a.txt", lambda f: f.write("text"))
+        atomic_write(tmp_path / "b.bin", lambda f: f.write(b"\0"), mode="wb")
+        write_json(tmp_path / "a.txt", {"replaced": True})
+        (tmp_path / "plain.txt").write_text("open()")
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+    assert modes == {"a.txt": expected, "b.bin": expected, "plain.txt": expected}
+    assert read_json(tmp_path / "a.txt") == {"replaced": True}

@@ -87,6 +87,9 @@ def explain(err: Exception, overrides: list[str] = ()) -> str:
         return f"{group}={name!r} is not valid; choose from: {', '.join(group_options(group))}"
     if isinstance(err, OverrideParseException):
         return f"{err.override!r} is not a valid override ({err.message.splitlines()[0]}); write key=value"
+    why = unselected(overrides)
+    if why:
+        return why
     cause = err.__cause__ or err
     full_key = getattr(cause, "full_key", None)
     text = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
@@ -96,6 +99,45 @@ def explain(err: Exception, overrides: list[str] = ()) -> str:
     if full_key:
         return f"{full_key}: {text}"
     return text
+
+
+def _unselected_candidates(overrides: list[str]) -> list[tuple[str, str, str]]:
+    """(override, group, option) of each override that sets a key inside a group's option, `logger.wandb.project=x`
+    (the options of some groups, such as logger, are blocks of keys named after them)."""
+    loader = GlobalHydra.instance().config_loader()
+    out = []
+    for o in overrides:
+        parts = _key(o).split(".")
+        for i in range(1, len(parts) - 1):  # logger.wandb.project: group logger, option wandb
+            group = "/".join(parts[:i])
+            if loader.get_group_options(group) and parts[i] in group_options(group):
+                out.append((o, group, parts[i]))
+                break
+    return out
+
+
+def unselected(overrides: list[str]) -> str | None:
+    """One line for a key set under a group's option that is not chosen (`logger.wandb.project=x` while only
+    logger=tensorboard is): Hydra's own error names neither the key nor the fix. None when no override is one."""
+    found = _unselected_candidates(overrides)
+    if not found:
+        return None
+    rest = [o for o in overrides if o not in {f[0] for f in found}]
+    try:
+        cfg = hydra_compose(config_name="train", overrides=rest)
+    except Exception:  # noqa: BLE001 (another bad override: the caller's plain message)
+        return None
+    for override, group, option in found:
+        node = OmegaConf.select(cfg, group.replace("/", "."), default=None)
+        if not isinstance(node, DictConfig) or option not in node or node[option] is not None:
+            continue
+        options = group_options(group)
+        chosen = [k for k in node.keys() if k in options and node[k] is not None]
+        fix = f"{group}=[{','.join([*chosen, option])}]"
+        given = [o for o in rest if _key(o) == group]
+        how = f"replace {given[-1]} with {fix}" if given else f"add {fix}"
+        return f"{override}: the {option} {group} is not selected; {how} (choices: {', '.join(options)})"
+    return None
 
 
 def _key(override: str) -> str:

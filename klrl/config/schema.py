@@ -9,6 +9,7 @@ present); the validator finds them through the composed node's type.
 from __future__ import annotations
 
 import importlib.util
+import os
 from dataclasses import dataclass
 from typing import Any, List, Optional
 
@@ -69,6 +70,11 @@ class TaskConfig:
     name: str = knob(MISSING, NonEmpty())
     max_new_tokens: int = knob(16, Int(1, 2**20))  # the generation budget of a response
     eval_size: int = knob(200, Int(1))  # problems per evaluation split
+
+    @staticmethod
+    def char_prompts(cfg) -> bool:
+        """Whether every prompt and answer is written in the tiny model's characters (digits and arithmetic)."""
+        return False
 
 
 @dataclass
@@ -243,6 +249,28 @@ class MlflowConfig:
 
 # logger=X's package(s), and what to install
 LOGGER_PACKAGES = {"wandb": ("wandb",), "mlflow": ("mlflow", "sqlalchemy", "alembic")}
+NO_WANDB_LOGIN = ("logger=wandb: no W&B credentials were found (WANDB_API_KEY, ~/.netrc) and W&B is in online mode; "
+                  "run `wandb login`, or set WANDB_MODE=offline to log locally")
+
+
+def wandb_login_missing() -> bool:
+    """True when W&B would run online and finds no credentials: what wandb.init would fail on after the run has
+    started. Read as wandb.init reads them, without the network: the mode from WANDB_MODE or the settings files
+    (`wandb offline` writes one; offline and disabled need no key), the key from WANDB_API_KEY (or an api_key
+    setting), WANDB_IDENTITY_TOKEN_FILE, or the .netrc entry of W&B's host (`wandb login` writes it)."""
+    config_dir = os.path.expanduser(os.environ.get("WANDB_CONFIG_DIR") or os.path.join("~", ".config", "wandb"))
+    try:
+        import wandb
+        from wandb.sdk.lib.wbauth import read_netrc_auth  # W&B's own .netrc reader (its host, its format checks)
+
+        settings = wandb.Settings(silent=True, settings_system=os.path.join(config_dir, "settings"))
+        settings.update_from_system_settings()
+        settings.update_from_env_vars(dict(os.environ))
+        if settings.mode in ("offline", "dryrun", "disabled") or settings.api_key or settings.identity_token_file:
+            return False
+        return not read_netrc_auth(host=settings.base_url)
+    except Exception:  # noqa: BLE001 (settings, a key or a W&B version this cannot read: wandb.init tells)
+        return False
 
 
 @dataclass
@@ -256,11 +284,14 @@ class LoggerConfig:
 
     @staticmethod
     def check(node, cfg) -> None:
-        """A chosen backend whose package is missing is refused now, before anything is built or written."""
+        """A chosen backend whose package is missing is refused now, before anything is built or written; so is
+        W&B online without credentials."""
         for name, modules in LOGGER_PACKAGES.items():
             gone = node.get(name) is not None and _missing(*modules)
             if gone:
                 raise ConfigError(f"logger={name} needs the {gone} package: pip install 'klrl[{name}]'")
+        if node.get("wandb") is not None and wandb_login_missing():
+            raise ConfigError(NO_WANDB_LOGIN)
 
 
 @dataclass

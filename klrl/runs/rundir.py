@@ -19,6 +19,7 @@ import json
 import os
 import random
 import re
+import secrets
 import tempfile
 import time
 from dataclasses import dataclass
@@ -57,11 +58,25 @@ def run_name(overrides: list[str]) -> str:
 # --- files ----------------------------------------------------------------------------------------------------------
 
 
+def _temp_file(directory: Path, prefix: str) -> tuple[int, str]:
+    """A new file in `directory`, as tempfile.mkstemp makes one but with the mode a plain open() gives (0666 less
+    the umask), not mkstemp's 0600: what atomic_write leaves is as readable as any file the process writes."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+    for _ in range(tempfile.TMP_MAX):
+        path = directory / f"{prefix}{secrets.token_hex(6)}"
+        try:
+            return os.open(path, flags, 0o666), str(path)
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary name in {directory}")
+
+
 def atomic_write(path: Path, write: Callable[[Any], None], mode: str = "w") -> None:
     """Write via a temporary file in the same directory, fsync, then rename over `path`: a reader (or a crash) never
-    sees half a file, and a failure (disk full) leaves the previous file intact."""
+    sees half a file, and a failure (disk full) leaves the previous file intact. The file gets the mode open() would
+    give it (0666 less the umask)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    fd, tmp = _temp_file(path.parent, f".{path.name}.")
     try:
         with os.fdopen(fd, mode) as f:
             write(f)
