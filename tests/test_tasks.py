@@ -24,8 +24,9 @@ MATH_FIX = [f"task.train_data.path={FIX}/hendrycks_math", f"task.eval_data.path=
 
 
 def cfg_for(*overrides):
+    # A pretrained model's tokenizer: the tiny model reads only arith's plain prompts (and is refused for the rest).
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(config_name="train", overrides=list(overrides))
+        cfg = compose(config_name="train", overrides=["model=smollm2-135m", *overrides])
     validate(cfg)
     return cfg
 

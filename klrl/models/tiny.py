@@ -49,6 +49,9 @@ class TinyModelConfig(ModelConfig):
         if node.hidden_size % node.num_heads:
             raise ConfigError(f"model.hidden_size={node.hidden_size} must be divisible by model.num_heads="
                               f"{node.num_heads}")
+        if not OmegaConf.get_type(cfg.task).char_prompts(cfg.task):
+            raise ConfigError(f"model=tiny cannot read task={cfg.task.name}'s prompts (its character tokenizer knows "
+                              f"only {TINY_ALPHABET!r}); choose a pretrained model, e.g. model=smollm2-135m")
 
 
 def build_char_tokenizer():
