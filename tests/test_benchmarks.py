@@ -39,3 +39,27 @@ def test_vs_trl_tiny_runs_identical_work(tmp_path):
         assert idn["threads"] == [1, 1]
         assert r["workload"]["klrl_overrides"] == ["model.warmstart.steps=40"]
     assert p.stdout.count("identical work: yes") == 2, p.stdout[-3000:]
+
+
+@pytest.mark.skipif(not HAVE_TRL, reason="trl is not installed (pip install -c constraints.txt -e '.[bench]')")
+def test_floor_tiny_is_under_both_trainers(tmp_path):
+    """benchmarks/floor.py: the bare torch step (sample with the KV cache, policy forward + backward, reference
+    forward, AdamW) timed in turns with klrl's and TRL's steps; it does a subset of either trainer's work."""
+    out, steps = tmp_path / "floor.json", 4
+    p = subprocess.run([sys.executable, str(BENCH / "floor.py"), "--model", "tiny", "--pairing", "grpo_k3_loss",
+                        "--steps", str(steps), "--threads", "1", "--out", str(out), "--set",
+                        "model.warmstart.steps=40"], cwd=BENCH, capture_output=True, text=True, timeout=900,
+                       env={**os.environ})
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
+    res = json.loads(out.read_text())
+    assert set(res["runs"]) == {"tiny/grpo_k3_loss/threads=1"}
+    r = res["runs"]["tiny/grpo_k3_loss/threads=1"]
+    assert r["same_generated_tokens"] and set(r["per_step_s"]) == {"floor", "klrl", "trl"}
+    assert all(len(v) == steps for v in r["per_step_s"].values())
+    for key in ("trl_over_floor", "klrl_over_floor", "trl_over_klrl"):
+        lo, hi = r[key]["ci95_bootstrap"]
+        assert r[key]["ratio_of_medians"] > 0 and 0 < lo <= hi, (key, r[key])
+    # The floor is a subset of klrl's step (which also computes the exact KL and entropy every step here): its
+    # fastest step is no slower than klrl's fastest (the minimum over steps, as noise only adds; 10% for timer
+    # noise on a shared machine).
+    assert r["floor"]["step_ms_min"] <= 1.1 * r["klrl"]["step_ms_min"], (r["floor"], r["klrl"])
