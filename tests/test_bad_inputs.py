@@ -203,6 +203,7 @@ TRAIN = [
     ("task=countdown", "model=tiny cannot read task=countdown's prompts"),
     ("task.prompt=boxed", "task.prompt=boxed needs a pretrained model's tokenizer"),
     ("task.prompt=fancy", "task.prompt='fancy' is not valid; choose from: plain, boxed"),
+    ("estimator=[k1,k3]", "estimator takes one option, not a list"),
     ("model.param_dtype=bfloat16", "model.param_dtype=bfloat16"),
     ("async_mode=pipeline", "async_mode=pipeline needs async_level"),
     ("generation.vllm.enforce_eager=true", "generation.vllm.enforce_eager=True has no effect"),

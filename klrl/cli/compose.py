@@ -168,6 +168,9 @@ def _optional_groups() -> frozenset:
     return frozenset(k for d in defaults if isinstance(d, dict) for k, v in d.items() if v is None)
 
 
+LIST_GROUPS = ("logger",)  # groups whose defaults entry in conf/train.yaml is a list: several at once
+
+
 def check_choices(parsed: list) -> None:
     """Every group choice on the command line is an option of its group (a schema is not); a group every run needs
     is neither removed (`~model`) nor unset (`model=null`)."""
@@ -182,6 +185,9 @@ def check_choices(parsed: list) -> None:
         if group not in _optional_groups() and (o.is_delete() or o.value() is None):
             raise ConfigError(f"{o.input_line!r} leaves no {group}; choose from: {', '.join(options)}")
         value = o.value()
+        if isinstance(value, list) and group not in LIST_GROUPS:  # Hydra would keep the last and drop the rest
+            raise ConfigError(f"{o.input_line!r}: {group} takes one option, not a list (choose from: "
+                              f"{', '.join(options)}); to run each, use `klrl train -m {group}={','.join(map(str, value))}`")
         for v in value if isinstance(value, list) else [value]:
             if v is not None and str(v) not in options:
                 raise ConfigError(f"{group}={str(v)!r} is not valid; choose from: {', '.join(options)}")
