@@ -192,6 +192,16 @@ def test_status_rules(summary, sched, status):
     assert derive(state, sched, {"job_id": "1_0"})[0] == status
 
 
+@pytest.mark.parametrize("state, detail", [("unknown", ""), ("pending", ""), ("running", "requeued"),
+                                           ("failed", "requeued")])
+def test_only_a_run_that_started_is_called_requeued(state, detail):
+    """A task of an array still waiting behind array_parallelism has no run directory yet: it is pending, and
+    nothing has been requeued."""
+    from klrl.runs.rundir import State
+
+    assert derive(State(state), "PENDING", {"job_id": "1_3"}) == ("pending", detail)
+
+
 def _fake_run(sweep: Path, name: str, overrides: list[str], summary: dict | None, steps_done: int) -> None:
     """A run directory as the trainer leaves it; a "running" one has a live heartbeat."""
     run = sweep / name

@@ -173,7 +173,8 @@ def derive(state: State, sched: str | None, record: dict | None) -> tuple[str, s
         return st, ""
     if sched in ACTIVE:
         if sched in WAITING:
-            return "pending", "requeued" if st != "pending" else ""
+            # A run directory not yet written (unknown) is a task still waiting for its first start, not a requeue.
+            return "pending", "requeued" if st not in ("pending", "unknown") else ""
         return "running", ""
     if st == "failed":
         return st, state.detail
