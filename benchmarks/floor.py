@@ -34,8 +34,8 @@ import traceback
 from pathlib import Path
 
 from report import RESULTS, machine, save  # benchmarks/report.py
-from vs_trl import (BETA, PAIRINGS, WORKLOADS, bench_prompts, compose_config, expect, ratio_stats, set_threads,
-                    start_workers, stop_workers)
+from vs_trl import (BETA, PAIRINGS, WORKLOADS, bench_prompts, compose_config, expect, finish_workers, ratio_stats,
+                    set_threads, start_workers, stop_workers)
 
 
 class FloorStepper:
@@ -161,10 +161,7 @@ def alternate3(sides: dict, steps: int) -> dict[str, list[dict]]:
             recs[name].append(expect(conn, proc, "done"))
         f, k, t = (recs[n][-1]["total_s"] for n in ("floor", "klrl", "trl"))
         print(f"  step {i:3d}  floor {f:7.3f} s  klrl {k:7.3f} s  trl {t:7.3f} s", flush=True)
-    for conn, _ in sides.values():
-        conn.send("stop")
-    for _, proc in sides.values():
-        proc.join(timeout=120)
+    finish_workers(sides)
     return recs
 
 

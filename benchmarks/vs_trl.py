@@ -478,11 +478,16 @@ def alternate(sides: dict, steps: int) -> dict[str, list[dict]]:
         n = min(map(len, recs.values()))
         print(f"  interrupted: keeping the {n} finished pairs", flush=True)
         return {name: rs[:n] for name, rs in recs.items()}  # the workers are terminated by the caller
+    finish_workers(sides)
+    return recs
+
+
+def finish_workers(sides: dict) -> None:
+    """Ask every worker to stop after its last step, then wait for each (stop_workers is the hard stop)."""
     for conn, _ in sides.values():
         conn.send("stop")
     for _, proc in sides.values():
         proc.join(timeout=120)
-    return recs
 
 
 def run_pairing(model: str, pairing: str, steps: int, threads: int, warmup: int, overrides=()) -> dict:
