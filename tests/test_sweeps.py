@@ -335,3 +335,15 @@ def test_local_launcher_runs_a_two_point_grid_then_skips_it(tmp_path):
     assert drift.returncode == 2 and "finished with another configuration" in drift.stderr
     assert "optim.lr: 0.001 -> 0.002" in drift.stderr
     assert len((sweep / "submissions.jsonl").read_text().splitlines()) == 1
+
+
+def test_a_reader_that_leaves_early_is_no_traceback():
+    """`klrl sweep tiny --list | head -1`: the pipe closes under the listing; klrl exits 1 without a traceback."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "import sys; from klrl.cli.main import main; "
+                             "main(['sweep', 'tiny', '--list'])"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader is gone before the first line is written
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 1 and "Traceback" not in err and "BrokenPipe" not in err, err

@@ -41,4 +41,12 @@ def main(argv: list[str] | None = None) -> None:
     if cmd not in COMMANDS:
         print(f"klrl: unknown command {cmd!r}; choose from: {', '.join(COMMANDS)}", file=sys.stderr)
         sys.exit(2)
-    COMMANDS[cmd](rest)
+    try:
+        COMMANDS[cmd](rest)
+    except BrokenPipeError:
+        # `klrl sweep NAME --list | head`: the reader left. As the Python docs advise (signal module, "Note on
+        # SIGPIPE"), point stdout at devnull so the interpreter's final flush does not raise again, and exit 1.
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
