@@ -54,6 +54,23 @@ def test_a_refused_resume_leaves_the_run_byte_identical(finished, tmp_path):
         assert tree(finished) == before, bad
 
 
+def test_a_run_is_not_placed_inside_a_run_or_above_other_runs(finished, tmp_path):
+    """A run inside another run's directory, or in a directory that already holds runs, would be read together with
+    them by `klrl table` and `klrl status` (and hide them): refused in one line, and nothing is written."""
+    sweep = tmp_path / "sweep"
+    (sweep / "a").mkdir(parents=True)  # a sweep that holds one finished run
+    (sweep / "a" / "summary.json").write_text((finished / "summary.json").read_text())
+    before, before_sweep = tree(finished), tree(sweep)
+    for where, key in [(finished / "nested", "hydra.run.dir"), (sweep, "hydra.run.dir"),
+                       (finished / "sweep", "hydra.sweep.dir")]:
+        bad = train("-m" if key == "hydra.sweep.dir" else "steps=2", f"{key}={where}", cwd=tmp_path)
+        err = bad.stderr.strip().splitlines()
+        assert bad.returncode == 2 and len(err) == 1 and key in err[0], (where, bad.stderr[-2000:])
+        assert ("is inside the run" in err[0]) == (where != sweep) and str(where) in err[0]
+    assert tree(finished) == before and tree(sweep) == before_sweep and not (finished / "nested").exists()
+    assert not (finished / "sweep").exists()
+
+
 def test_a_truncated_checkpoint_falls_back_to_the_previous_one(finished, tmp_path):
     ckpt = finished / CHECKPOINT
     ckpt.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])

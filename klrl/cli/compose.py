@@ -30,6 +30,7 @@ from klrl.config.validate import unknown_key, validate
 from klrl.core.estimators import ESTIMATORS
 from klrl.errors import ConfigError
 from klrl.paths import CONF_DIR
+from klrl.runs.rundir import check_nesting
 
 # Flags that print help and run nothing; Hydra flags klrl does not take (it composes conf/train.yaml, always).
 HELP_FLAGS = {"--help", "-h", "--hydra-help", "--version", "--shell-completion", "-sc"}
@@ -295,6 +296,7 @@ def expand(overrides: list[str], multirun: bool) -> list[list[str]]:
 
 def output_dir(key: str, value: str) -> None:
     """A directory runs will be written to (hydra.run.dir, hydra.sweep.dir): ConfigError unless it can be."""
+    check_nesting(key, value, new_run=key == "hydra.run.dir")  # first: reads only, where unwritable probes
     why = unwritable(value, "dir")
     if why:
         raise ConfigError(f"{key}={value!r} is not valid ({why}); give a directory klrl can create and write")

@@ -43,6 +43,42 @@ HEARTBEAT_S = 10.0  # a training process touches `heartbeat` this often
 STALE_S = float(os.environ.get("KLRL_STALE_S", 120.0))  # a "running" run with an older heartbeat has no process
 
 MAX_NAME = 120  # bytes of a default run name before it is shortened with a hash
+NEST_DEPTH = 3  # how deep below a directory a run is looked for (a sweep's runs: one or two levels down)
+
+
+def is_run(path: Path) -> bool:
+    """Whether `path` is a run directory: a run writes its config or its summary first."""
+    return (path / CONFIG).is_file() or (path / SUMMARY).is_file()
+
+
+def enclosing_run(path: str | Path) -> Path | None:
+    """The run directory that `path` lies strictly inside, or None."""
+    return next((p for p in Path(path).expanduser().absolute().parents if is_run(p)), None)
+
+
+def run_below(path: str | Path) -> Path | None:
+    """A run directory strictly below `path` (at most NEST_DEPTH levels down), or None. `klrl table` and `klrl
+    status` read every run below a directory, so a run placed above others would be read with them."""
+    root = Path(path).expanduser()
+    for depth in range(1, NEST_DEPTH + 1):
+        for marker in (CONFIG, Path(SUMMARY)):
+            hit = next(root.glob(str(Path(*["*"] * depth) / marker)), None)
+            if hit is not None:
+                return Path(*hit.parts[: len(hit.parts) - len(marker.parts)])
+    return None
+
+
+def check_nesting(key: str, path: str | Path, new_run: bool) -> None:
+    """ConfigError (one line) if a run (new_run) or a sweep directory at `path` would nest with existing runs:
+    inside a run, or (a new run only) in a directory that already holds runs below it."""
+    outer = enclosing_run(path)
+    if outer is not None:
+        raise ConfigError(f"{key}={str(path)!r} is inside the run {str(outer)!r}, and a run directory holds one run; "
+                          "choose a directory outside it")
+    root = Path(path).expanduser()
+    if new_run and root.is_dir() and not is_run(root) and (inner := run_below(root)) is not None:
+        raise ConfigError(f"{key}={str(path)!r} already holds other runs (e.g. {str(inner)!r}), which `klrl table` "
+                          "and `klrl status` would read with this one; choose a new directory")
 
 
 def run_name(overrides: list[str]) -> str:
