@@ -204,6 +204,9 @@ TRAIN = [
     ("task.prompt=boxed", "task.prompt=boxed needs a pretrained model's tokenizer"),
     ("task.prompt=fancy", "task.prompt='fancy' is not valid; choose from: plain, boxed"),
     ("estimator=[k1,k3]", "estimator takes one option, not a list"),
+    ("experiment=smollm2_arith task=countdown", "experiment=smollm2_arith sets 'task.prompt', which the other "
+     "choices do not have (unknown key 'task.prompt'; valid keys at task: eval_seed"),
+    ("task=countdown task.prompt=boxed", "unknown key 'task.prompt'; valid keys at task: eval_seed"),
     ("model.param_dtype=bfloat16", "model.param_dtype=bfloat16"),
     ("async_mode=pipeline", "async_mode=pipeline needs async_level"),
     ("generation.vllm.enforce_eager=true", "generation.vllm.enforce_eager=True has no effect"),

@@ -93,8 +93,20 @@ def explain(err: Exception, overrides: list[str] = ()) -> str:
         return why
     cause = err.__cause__ or err
     full_key = getattr(cause, "full_key", None)
-    text = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+    lines = [ln.strip() for ln in str(cause).strip().splitlines() if ln.strip()]
+    source = None
+    if lines and lines[0].endswith(":") and len(lines) > 1:  # "In 'experiment/x': ConfigKeyError raised ...:"
+        source = re.match(r"In '([^']+)/([^'/]+)':", lines[0])  # the group option whose keys failed to merge
+        lines = lines[1:]  # Hydra wraps the real error, uncaused, on the lines after its own
+        full_key = full_key or next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("full_key:")), None)
+    text = lines[0] if lines else type(cause).__name__
     m = re.match(r"Could not override '([^']+)'", text) or re.match(r"Key '([^']+)' (?:is )?not in", text)
+    if m and source:  # e.g. experiment=smollm2_arith (sets task.prompt) with task=countdown (has no prompt)
+        group, option = source.groups()
+        key = full_key or m.group(1)
+        why = suggest(key, [o for o in overrides if _key(o) != group.replace("/", ".")])
+        return (f"{group}={option} sets {key!r}, which the other choices do not have ({why}); choose the groups it "
+                f"was written for, or another {group}")
     if m:
         return str(suggest(full_key or m.group(1), overrides))
     if full_key:
