@@ -106,7 +106,9 @@ TRAIN = [
     ("generation.backend=vllm generation.vllm.gpu_memory_utilization=1.5", "generation.vllm.gpu_memory_utilization"),
     # wrong types: refused, never coerced
     ("steps=1.5", "steps"),
-    ("steps=abc", "steps"),
+    ("steps=abc", "steps=abc is not valid; it must be an integer in 1..1000000000"),
+    ("seed=1.5", "seed=1.5 is not valid; it must be an integer in 0.."),
+    ("eval.temperature=hot", "eval.temperature=hot is not valid; it must be a finite number > 0"),
     ("beta=true", "beta"),
     ("beta=[1,2]", "beta"),
     ("optim.betas=0.9", "optim.betas"),

@@ -26,7 +26,7 @@ from omegaconf.nodes import BooleanNode
 
 from klrl.config.constraints import unwritable
 from klrl.config.schema import EstimatorConfig, TrainConfig
-from klrl.config.validate import unknown_key, validate
+from klrl.config.validate import accepts, unknown_key, validate
 from klrl.core.estimators import ESTIMATORS
 from klrl.errors import ConfigError
 from klrl.paths import CONF_DIR
@@ -109,6 +109,9 @@ def explain(err: Exception, overrides: list[str] = ()) -> str:
                 f"was written for, or another {group}")
     if m:
         return str(suggest(full_key or m.group(1), overrides))
+    m = re.match(r"Value '(.*?)' (?:of type '\w+' )?could not be converted to \w+", text)
+    if m and full_key and (what := accepts(full_key, TrainConfig)):  # OmegaConf's wording names no valid range
+        return f"{full_key}={m.group(1)} is not valid; {what}"
     if full_key:
         return f"{full_key}: {text}"
     return text

@@ -39,6 +39,24 @@ def _what(checks: tuple, kind: Any = None) -> str:
     return f"it must be of type {name}" if kind is not None else "give it a value"
 
 
+def accepts(key: str, schema: type) -> str | None:
+    """What the field at dotted `key` of the dataclass `schema` accepts, in words; None if it is no such field."""
+    import typing
+
+    kind: Any = schema
+    field = None
+    for part in key.split("."):
+        args = [a for a in typing.get_args(kind) if a is not type(None)]  # Optional[X] -> X
+        kind = args[0] if len(args) == 1 else kind
+        if not dataclasses.is_dataclass(kind):
+            return None
+        field = next((f for f in dataclasses.fields(kind) if f.name == part), None)
+        if field is None:
+            return None
+        kind = typing.get_type_hints(kind).get(part, field.type)
+    return _what(field.metadata.get(CHECKS, ()), kind) if field is not None else None
+
+
 def _refuse(key: str, value: Any, constraint) -> ConfigError:
     return ConfigError(f"{key}={_show(value)} is not valid; {_what((constraint,))}")
 

@@ -71,12 +71,16 @@ def run_below(path: str | Path) -> Path | None:
 def check_nesting(key: str, path: str | Path, new_run: bool) -> None:
     """ConfigError (one line) if a run (new_run) or a sweep directory at `path` would nest with existing runs:
     inside a run, or (a new run only) in a directory that already holds runs below it."""
-    outer = enclosing_run(path)
+    try:
+        outer = enclosing_run(path)
+        root = Path(path).expanduser()
+        inner = run_below(root) if new_run and root.is_dir() and not is_run(root) else None
+    except OSError:  # a name too long, a directory that cannot be listed: for the writability check to explain
+        return
     if outer is not None:
         raise ConfigError(f"{key}={str(path)!r} is inside the run {str(outer)!r}, and a run directory holds one run; "
                           "choose a directory outside it")
-    root = Path(path).expanduser()
-    if new_run and root.is_dir() and not is_run(root) and (inner := run_below(root)) is not None:
+    if inner is not None:
         raise ConfigError(f"{key}={str(path)!r} already holds other runs (e.g. {str(inner)!r}), which `klrl table` "
                           "and `klrl status` would read with this one; choose a new directory")
 
