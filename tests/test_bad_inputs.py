@@ -131,7 +131,7 @@ TRAIN = [
     ("model.arch=gpt2", "model.arch='gpt2'"),
     ("device=tpu", "device='tpu'"),
     ("async_mode=foo", "async_mode='foo'"),
-    ("resume=maybe", "resume='maybe'"),
+    ("resume=maybe", "resume='maybe' is not valid; choose from: auto, true, false"),
     ("generation.backend=sglang", "generation.backend='sglang'"),
     ("placement.reward_form=sum", "placement.reward_form='sum'"),
     ("task.name=mmlu_college", "task.name='mmlu_college'"),

@@ -30,7 +30,9 @@ def _what(checks: tuple, kind: Any = None) -> str:
     """What a field accepts, in words: its first declared constraint, or its type."""
     if checks:
         c = checks[0]
-        return f"choose from: {', '.join(map(str, c.choices))}" if isinstance(c, OneOf) else f"it must be {c.valid}"
+        if isinstance(c, OneOf):  # booleans as the command line writes them (resume=true)
+            return f"choose from: {', '.join(str(x).lower() if isinstance(x, bool) else str(x) for x in c.choices)}"
+        return f"it must be {c.valid}"
     name = str(getattr(kind, "__name__", kind))
     if name in ("bool", "Optional[bool]"):
         return "it must be true or false"
