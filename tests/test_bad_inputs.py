@@ -131,6 +131,8 @@ TRAIN = [
     ("model.arch=gpt2", "model.arch='gpt2'"),
     ("device=tpu", "device='tpu'"),
     ("async_mode=foo", "async_mode='foo'"),
+    ("preset=trl_grpo estimator=none", "beta=0.04 with estimator=none would be ignored (preset=trl_grpo sets "
+     "beta=0.04); set beta=0"),
     ("resume=maybe", "resume='maybe' is not valid; choose from: auto, true, false"),
     ("generation.backend=sglang", "generation.backend='sglang'"),
     ("placement.reward_form=sum", "placement.reward_form='sum'"),

@@ -61,15 +61,18 @@ def test_a_fresh_default_run_reproduces_the_recorded_accuracies(tmp_path):
     assert summary["versions"]["transformers"] == version("transformers")
 
 
-def test_readme_table1_is_the_committed_sweep_table_with_todays_verdicts():
-    """The README's Table 1 rows are docs/figures/tiny/tiny.table1.csv (written by `klrl table --csv`), and its
-    gradient column is what the audit says today for each configuration, not a verdict typed once."""
-    table = pd.read_csv(ROOT / "docs/figures/tiny/tiny.table1.csv", keep_default_na=False)
+@pytest.mark.parametrize("csv, base", [("tiny/tiny.table1.csv", []),
+                                       ("smollm2/smollm2.table1.csv", ["experiment=smollm2_arith"])])
+def test_readme_table1_is_the_committed_sweep_table_with_todays_verdicts(csv, base):
+    """The README's Table 1 rows (the tiny grid's and SmolLM2's) are docs/figures/<grid>.table1.csv (written by
+    `klrl table --csv`), and the gradient column is what the audit says today for each configuration of that grid,
+    not a verdict typed once."""
+    table = pd.read_csv(ROOT / "docs/figures" / csv, keep_default_na=False)
     lines = (ROOT / "README.md").read_text().splitlines()
     for row in table.itertuples():
         cells = [row.estimator, row.placement, row.gradient, row.stability,
                  f"{row.id_rank:.0f} ({row.id_rank_detail})", f"{row.ood_rank:.0f} ({row.ood_rank_detail})"]
         assert any([c.strip() for c in ln.strip("|").split("|")] == cells for ln in lines), cells
-        cfg = OmegaConf.to_container(compose_cfg(f"estimator={row.estimator}",
+        cfg = OmegaConf.to_container(compose_cfg(*base, f"estimator={row.estimator}",
                                                  *([f"placement={row.placement}"] if row.estimator != "none" else [])))
         assert gradient_verdict(cfg) == row.gradient, (row.estimator, row.placement)

@@ -133,7 +133,10 @@ def kl_choices(cfg) -> None:
     beta, est, place = cfg.beta, cfg.estimator.name, cfg.placement.name
     if est == "none":
         if beta != 0:
-            raise ConfigError(f"beta={beta} with estimator=none would be ignored; set beta=0 or choose an estimator")
+            preset = OmegaConf.select(cfg, "preset.name", default=None)
+            source = f" (preset={preset} sets beta={beta})" if preset else ""
+            raise ConfigError(f"beta={beta} with estimator=none would be ignored{source}; set beta=0 or choose an "
+                              "estimator")
         if place != "none":
             raise ConfigError(f"placement={place} with estimator=none would be ignored; drop it (placement=none)")
         return
