@@ -149,7 +149,7 @@ BAD = [
     (["algo.group_size=1"], "algo.group_size=1 is too small for baseline rloo"),
     (["model=gpt5"], "model='gpt5' is not valid; choose from:"),
     (["task=nosuch"], "task='nosuch' is not valid; choose from:"),
-    (["steps=abc"], "steps: Value 'abc'"),
+    (["steps=abc"], "steps=abc is not valid; it must be an integer in 1.."),
     (["placement=warp"], "placement='warp' is not valid"),
     (["estimator=none", "beta=0.1"], "beta=0.1 with estimator=none would be ignored"),
     (["estimator=none", "placement=loss"], "placement=loss with estimator=none would be ignored"),
