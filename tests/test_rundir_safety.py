@@ -61,14 +61,28 @@ def test_a_run_is_not_placed_inside_a_run_or_above_other_runs(finished, tmp_path
     (sweep / "a").mkdir(parents=True)  # a sweep that holds one finished run
     (sweep / "a" / "summary.json").write_text((finished / "summary.json").read_text())
     before, before_sweep = tree(finished), tree(sweep)
-    for where, key in [(finished / "nested", "hydra.run.dir"), (sweep, "hydra.run.dir"),
-                       (finished / "sweep", "hydra.sweep.dir")]:
-        bad = train("-m" if key == "hydra.sweep.dir" else "steps=2", f"{key}={where}", cwd=tmp_path)
+    cases = [(finished / "nested", "hydra.run.dir", "is inside the run"),
+             (sweep, "hydra.run.dir", "already holds other runs"),
+             (finished / "sweep", "hydra.sweep.dir", "is inside the run"),
+             (finished, "hydra.sweep.dir", "is a run directory"),
+             (sweep, "hydra.sweep.dir", "already holds other runs")]  # no multirun.yaml: not an earlier sweep's runs
+    for where, key, why in cases:
+        bad = train(*(["-m", "seed=0,1"] if key == "hydra.sweep.dir" else []), "steps=4", f"{key}={where}",
+                    cwd=tmp_path)
         err = bad.stderr.strip().splitlines()
         assert bad.returncode == 2 and len(err) == 1 and key in err[0], (where, bad.stderr[-2000:])
-        assert ("is inside the run" in err[0]) == (where != sweep) and str(where) in err[0]
+        assert why in err[0] and str(where) in err[0], err
     assert tree(finished) == before and tree(sweep) == before_sweep and not (finished / "nested").exists()
     assert not (finished / "sweep").exists()
+
+
+def test_fewer_steps_than_a_run_reached_is_refused(finished, tmp_path):
+    """steps may grow when a run is continued; fewer steps than it reached would rewrite a finished run as a shorter
+    one (its final evaluation gone): refused, and the run stays byte-identical."""
+    before = tree(finished)
+    err = one_line(train("steps=2", f"hydra.run.dir={finished}", cwd=tmp_path))
+    assert "holds a run at step 4; steps=2" in err and "steps >= 4" in err
+    assert tree(finished) == before
 
 
 def test_a_truncated_checkpoint_falls_back_to_the_previous_one(finished, tmp_path):

@@ -311,7 +311,7 @@ def expand(overrides: list[str], multirun: bool) -> list[list[str]]:
 
 def output_dir(key: str, value: str) -> None:
     """A directory runs will be written to (hydra.run.dir, hydra.sweep.dir): ConfigError unless it can be."""
-    check_nesting(key, value, new_run=key == "hydra.run.dir")  # first: reads only, where unwritable probes
+    check_nesting(key, value, "run" if key == "hydra.run.dir" else "sweep")  # reads only: before the probe
     why = unwritable(value, "dir")
     if why:
         raise ConfigError(f"{key}={value!r} is not valid ({why}); give a directory klrl can create and write")

@@ -70,7 +70,7 @@ def choose_run_dir(args: list[str], cfg: DictConfig) -> list[str]:
     overrides, _, _ = split_args(args)
     task = [o for o in overrides if not o.lstrip("+~").startswith("hydra")]
     root = Path(str(cfg.hydra.run.dir)).parent  # outputs/runs/<date>
-    check_nesting("hydra.run.dir", root, new_run=False)  # e.g. an earlier run made with hydra.run.dir=outputs/runs/<date>
+    check_nesting("hydra.run.dir", root, "parent")  # e.g. an earlier run made with hydra.run.dir=outputs/runs/<date>
     path = make_dirs(root / f"{time.strftime('%H-%M-%S')}_{run_name(task)}", exist_ok=False)
     quoted = str(path).replace("\\", "\\\\").replace("'", "\\'")
     return [*args, f"hydra.run.dir='{quoted}'"]  # quoted: a default name holds '=' and ','

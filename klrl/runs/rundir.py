@@ -68,18 +68,23 @@ def run_below(path: str | Path) -> Path | None:
     return None
 
 
-def check_nesting(key: str, path: str | Path, new_run: bool) -> None:
-    """ConfigError (one line) if a run (new_run) or a sweep directory at `path` would nest with existing runs:
-    inside a run, or (a new run only) in a directory that already holds runs below it."""
+def check_nesting(key: str, path: str | Path, kind: str) -> None:
+    """ConfigError (one line) if what goes at `path` would nest with existing runs. kind "run": a new run, refused
+    inside a run or in a directory that holds runs below it. "sweep": a sweep dir, refused inside or at a run, or
+    where runs lie below that are not an earlier sweep's (a sweep has its multirun.yaml). "parent": the directory
+    new runs are created in, refused inside or at a run. `klrl table` and `klrl status` read every run below a
+    directory: nested runs would be read, and hidden, together."""
     try:
-        outer = enclosing_run(path)
         root = Path(path).expanduser()
-        inner = run_below(root) if new_run and root.is_dir() and not is_run(root) else None
+        outer = root if kind != "run" and is_run(root) else enclosing_run(root)
+        holds = kind == "run" or (kind == "sweep" and not (root / "multirun.yaml").is_file())
+        inner = run_below(root) if holds and root.is_dir() and not is_run(root) else None
     except OSError:  # a name too long, a directory that cannot be listed: for the writability check to explain
         return
     if outer is not None:
-        raise ConfigError(f"{key}={str(path)!r} is inside the run {str(outer)!r}, and a run directory holds one run; "
-                          "choose a directory outside it")
+        where = "is a run directory" if outer == root else f"is inside the run {str(outer)!r}"
+        raise ConfigError(f"{key}={str(path)!r} {where}, and a run directory holds one run; choose a directory "
+                          "outside it")
     if inner is not None:
         raise ConfigError(f"{key}={str(path)!r} already holds other runs (e.g. {str(inner)!r}), which `klrl table` "
                           "and `klrl status` would read with this one; choose a new directory")

@@ -42,6 +42,10 @@ def check_run(cfg, run: RunDir) -> str | None:
         raise ConfigError(f"{run.path} already holds a run; resume=auto continues it, or choose another hydra.run.dir")
     if cfg.resume is True and not has_ckpt:
         raise ConfigError(f"resume=true but {run.path} holds no checkpoint to continue; resume=auto starts a new run")
+    reached = (summary or {}).get("step") or 0
+    if (has_ckpt or stored is not None) and cfg.steps < reached:  # steps may grow on resume, never cut a run short
+        raise ConfigError(f"{run.path} holds a run at step {reached}; steps={cfg.steps} would rewrite it as a shorter "
+                          f"one: give steps >= {reached} to continue it, or choose another hydra.run.dir")
     diff = run.drift(cfg)
     if diff:
         raise ConfigError(f"{run.path} holds a run with another configuration ({'; '.join(diff[:5])}); resume it with "
