@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from klrl.core.distributions import exact_kl_entropy, sampling_logits, token_logprobs
+from klrl.sampling.prefix import cache_of, can_share, prefill, prompt_groups
 
 
 @dataclass
@@ -157,15 +158,14 @@ def decode(model, ids: Tensor, attn: Tensor, max_new_tokens: int, pad: int, ends
     B = ids.shape[0]
     key = _cache_key(model)
     pos = (attn.cumsum(-1) - 1).masked_fill(attn == 0, 0)
-    out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1)
-    cache = out.cache if hasattr(out, "cache") else out.past_key_values
+    logits, cache = prefill(model, ids, attn, pos, prompt_groups(ids, attn))
     end_t = torch.tensor(list(ends), device=ids.device)
     live = torch.ones(B, dtype=torch.bool, device=ids.device)
     ones = torch.ones((B, 1), dtype=attn.dtype, device=ids.device)
     toks, logps = [], []
     nxt_pos = pos[:, -1:]
     for t in range(max_new_tokens):
-        scores = out.logits[:, -1, :].float()
+        scores = logits[:, -1, :].float()
         if t < min_new_tokens:
             scores[:, end_t] = float("-inf")
         if greedy:
@@ -184,7 +184,7 @@ def decode(model, ids: Tensor, attn: Tensor, max_new_tokens: int, pad: int, ends
         nxt_pos = nxt_pos + 1
         out = model(input_ids=tok[:, None], attention_mask=attn, position_ids=nxt_pos, use_cache=True,
                     **{key: cache})
-        cache = out.cache if hasattr(out, "cache") else out.past_key_values
+        logits, cache = out.logits, cache_of(out)
     tokens = torch.stack(toks, 1) if toks else ids.new_zeros((B, 0))
     return tokens, (torch.stack(logps, 1) if want_logp and logps else None)
 
@@ -196,14 +196,23 @@ def decode_responses(tokenizer, rollout: Rollout) -> list[str]:
 
 def response_logits(model, rollout: Rollout) -> Tensor:
     """[B, R, V] logits of the next-token distributions that produced each response token. The LM head runs on
-    those R positions only (`logits_to_keep`): the prompt's logits would be computed only to be thrown away."""
+    those R positions only (`logits_to_keep`): the prompt's logits would be computed only to be thrown away. Rows
+    that share a prompt (a group's samples) share one forward over it (`klrl.sampling.prefix`)."""
     device = next(model.parameters()).device
-    attn = rollout.attention_mask.to(device)
+    ids, attn = rollout.input_ids.to(device), rollout.attention_mask.to(device)
     pos = (attn.cumsum(-1) - 1).clamp(min=0)
-    R = rollout.input_ids.shape[1] - rollout.prompt_len
-    out = model(input_ids=rollout.input_ids.to(device), attention_mask=attn, position_ids=pos, use_cache=False,
-                logits_to_keep=R + 1)
-    return out.logits[:, :-1]
+    P = rollout.prompt_len
+    R = ids.shape[1] - P
+    groups = prompt_groups(ids[:, : P - 1], attn[:, : P - 1]) if P >= 2 and R >= 1 and can_share(model) else None
+    if groups is None:
+        out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False, logits_to_keep=R + 1)
+        return out.logits[:, :-1]
+    # The prompt but its last token once per group; from there on one pass per row (the last prompt position's
+    # logits are the first response token's distribution, and the last response token's are never used).
+    _, cache = prefill(model, ids[:, : P - 1], attn[:, : P - 1], pos[:, : P - 1], groups)
+    out = model(input_ids=ids[:, P - 1 : -1], attention_mask=attn[:, :-1], position_ids=pos[:, P - 1 : -1],
+                use_cache=True, **{_cache_key(model): cache})
+    return out.logits
 
 
 def sampler_logits(model, rollout: Rollout, temperature: float = 1.0, top_p: float = 1.0,
