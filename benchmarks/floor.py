@@ -1,5 +1,5 @@
-"""The floor under any trainer's step on the vs_trl.py workload: the bare torch work the step cannot avoid, with no
-trainer around it, timed in turns with klrl's and TRL's steps on the same weights and prompts. Writes
+"""The floor under a trainer that runs the model once per row (as TRL does) on the vs_trl.py workload: the bare
+torch work such a step cannot avoid, with no trainer around it, timed in turns with klrl's and TRL's steps on the same weights and prompts. Writes
 benchmarks/results/floor.json (one entry per model x pairing x threads, merged into what is there; --out another file).
 
     python benchmarks/floor.py --model tiny --pairing all --steps 40 --threads 1
@@ -13,6 +13,8 @@ The floor step, written out here in plain torch + the transformers model forward
   3. the reference's forward on the same, under no_grad;
   4. the pairing's loss in a few tensor ops (GRPO: group-normalised advantage, ratio, beta * k3 per token; RLOO:
      beta * k1 summed into the reward, leave-one-out baseline), backward, gradient clipping, one AdamW step.
+klrl goes under this floor by doing less model work: a group's rows share one forward over their prompt
+(klrl.sampling.prefix), in the prefill and in both log-prob passes.
 Left out because they are not model execution: decoding tokens to text, scoring, logging. Rewards here are a
 cheap function of the sampled tokens (the loss needs non-constant values, not the task's).
 

@@ -59,7 +59,7 @@ def test_floor_tiny_is_under_both_trainers(tmp_path):
     for key in ("trl_over_floor", "klrl_over_floor", "trl_over_klrl"):
         lo, hi = r[key]["ci95_bootstrap"]
         assert r[key]["ratio_of_medians"] > 0 and 0 < lo <= hi, (key, r[key])
-    # The floor is a subset of klrl's step (which also computes the exact KL and entropy every step here): its
-    # fastest step is no slower than klrl's fastest (the minimum over steps, as noise only adds; 10% for timer
-    # noise on a shared machine).
-    assert r["floor"]["step_ms_min"] <= 1.1 * r["klrl"]["step_ms_min"], (r["floor"], r["klrl"])
+    # The floor is a subset of TRL's step (one model pass per row, as TRL runs it): its fastest step is no slower
+    # than TRL's fastest (the minimum over steps, as noise only adds; 10% for timer noise on a shared machine).
+    # klrl may go under it: a group's rows share their prompt's forward (klrl.sampling.prefix).
+    assert r["floor"]["step_ms_min"] <= 1.1 * r["trl"]["step_ms_min"], (r["floor"], r["trl"])
