@@ -160,6 +160,9 @@ class KlrlStepper:
         run_dir.mkdir(parents=True, exist_ok=True)
         self.logs = make_loggers(cfg, RunDir(run_dir), 0, True, {})
         self.step_no = 0
+        if workload.get("compile"):  # a what-if (--compile), not a klrl option: both models' forwards compiled
+            for m in (p.model, p.ref):
+                m.forward = torch.compile(m.forward, dynamic=True)
 
     def close(self) -> None:
         """Flush and close the metrics sinks (a context manager in newer klrl, `close()` in older)."""
@@ -246,7 +249,7 @@ def klrl_worker(conn, workload: dict, pairing: str, threads: int, export_dir: st
                  "grad_clip": o.grad_clip, "warmup_steps": o.warmup_steps}
         conn.send(("ready", {"params": stepper.n_params, "cfg_optim": optim,
                              "extras_every": stepper.cfg.extras_every,
-                             "overrides": workload.get("overrides", [])}))
+                             "overrides": workload.get("overrides", []), "compile": bool(workload.get("compile"))}))
         import torch
 
         while conn.recv() != "stop":
@@ -490,10 +493,11 @@ def finish_workers(sides: dict) -> None:
         proc.join(timeout=120)
 
 
-def run_pairing(model: str, pairing: str, steps: int, threads: int, warmup: int, overrides=()) -> dict:
+def run_pairing(model: str, pairing: str, steps: int, threads: int, warmup: int, overrides=(),
+                compile: bool = False) -> dict:
     import multiprocessing as mp
 
-    workload = {**WORKLOADS[model], "overrides": list(overrides)}
+    workload = {**WORKLOADS[model], "overrides": list(overrides), "compile": compile}
     ctx = mp.get_context("spawn")
     tmp = Path(tempfile.mkdtemp(prefix="vs_trl-"))
     sides: dict = {}
@@ -519,13 +523,15 @@ def summarize(model: str, pairing: str, steps: int, threads: int, warmup: int, r
         "model": model, "pairing": pairing, "threads": threads, "steps": steps, "warmup_steps_dropped": warmup,
         "workload": {"prompts": workload["prompts"], "samples_per_prompt": workload["group"], "new_tokens": L,
                      "sequences": B, "params": kinfo["params"], "beta": BETA, "lr": kinfo["cfg_optim"]["lr"],
-                     "klrl_extras_every": kinfo["extras_every"], "klrl_overrides": kinfo["overrides"]},
+                     "klrl_extras_every": kinfo["extras_every"], "klrl_overrides": kinfo["overrides"],
+                     "klrl_compiled": kinfo.get("compile", False)},
         "ratio_trl_over_klrl": ratio_stats(col(t, "total_s"), col(k, "total_s")),
         # The same from each process's CPU time (all its threads): less sensitive to other jobs on the machine,
         # though not immune (waiting threads spin).
         "cpu_ratio_trl_over_klrl": ratio_stats(col(t, "cpu_s"), col(k, "cpu_s")),
         "generate_ratio_trl_over_klrl": ratio_stats(col(t, "generate_s"), col(k, "generate_s")),
         "klrl": {"step_s_median": med(k, "total_s"), "step_cpu_s_median": med(k, "cpu_s"),
+                 "warmup_s": sum(r["total_s"] for r in k[:warmup]),  # with --compile: the compilation
                  "generate_s_median": med(k, "generate_s"), "update_s_median": med(k, "update_s")},
         "trl": {"step_s_median": med(t, "total_s"), "step_cpu_s_median": med(t, "cpu_s"),
                 "generate_s_median": med(t, "generate_s"),
@@ -559,6 +565,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--warmup", type=int, default=None, help="steps dropped before the medians (default 5, or 2 "
                                                                 "when --steps < 30, 1 when --steps < 6)")
     ap.add_argument("--out", default=str(RESULTS / "vs_trl.json"), help="the JSON file, merged into")
+    ap.add_argument("--compile", action="store_true",
+                    help="what if: klrl's policy and reference forwards under torch.compile(dynamic=True) (stored "
+                         "as <model>/<pairing>/threads=<n>/compiled; the warm-up steps include the compilation)")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                     help="extra klrl config overrides (e.g. model.warmstart.steps=40 for a quick check)")
     a = ap.parse_args()
@@ -583,9 +592,9 @@ def main() -> None:
         for pairing in list(PAIRINGS) if a.pairing == "all" else [a.pairing]:
             print(f"{a.model} / {pairing} / {threads} thread(s), {a.steps} steps (first {a.warmup} dropped)",
                   flush=True)
-            r = run_pairing(a.model, pairing, a.steps, threads, a.warmup, a.set)
+            r = run_pairing(a.model, pairing, a.steps, threads, a.warmup, a.set, a.compile)
             r["machine"], r["measured_at"] = machine(), time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
-            runs[f"{a.model}/{pairing}/threads={threads}"] = r
+            runs[f"{a.model}/{pairing}/threads={threads}" + ("/compiled" if a.compile else "")] = r
             res["machine"] = r["machine"]
             write(res, path)
             report(r)

@@ -63,3 +63,27 @@ def test_floor_tiny_is_under_both_trainers(tmp_path):
     # than TRL's fastest (the minimum over steps, as noise only adds; 10% for timer noise on a shared machine).
     # klrl may go under it: a group's rows share their prompt's forward (klrl.sampling.prefix).
     assert r["floor"]["step_ms_min"] <= 1.1 * r["trl"]["step_ms_min"], (r["floor"], r["trl"])
+
+
+def test_step_breakdown_accounts_for_the_step(tmp_path):
+    """benchmarks/step_breakdown.py: the timed sections of klrl's real step fit inside it, and the forward's cost
+    grows with the tokens it runs (one token against the batch's shape)."""
+    out = tmp_path / "breakdown.json"
+    p = subprocess.run([sys.executable, str(BENCH / "step_breakdown.py"), "--model", "tiny", "--steps", str(STEPS),
+                        "--out", str(out), "--set", "model.warmstart.steps=40"],
+                       cwd=BENCH, capture_output=True, text=True, timeout=900, env={**os.environ})
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
+    r = json.loads(out.read_text())["tiny/grpo_k3_loss/threads=1"]
+    s = r["sections"]
+    parts = s["sections_ms"]
+    assert {"update: backward", "update: policy and reference forwards",
+            "generate: model calls and sampling (decode)"} <= set(parts), parts
+    assert all(v > 0 for v in parts.values()), parts
+    gen = sum(v for k, v in parts.items() if k.startswith("generate:"))
+    upd = sum(v for k, v in parts.items() if k.startswith("update:"))
+    assert gen <= s["generate_ms"] * 1.01 and upd <= s["update_ms"] * 1.01, s
+    assert s["generate_ms"] + s["update_ms"] <= s["step_ms"] * 1.01, s
+    f = r["model_forward"]
+    assert f["shape"][0] == 64
+    for name in ("forward", "forward_backward"):
+        assert 0 < f[name]["one_token_ms"] < f[name]["batch_ms"] and f[name]["batch_gflops"] > 0, f
