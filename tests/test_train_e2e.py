@@ -91,11 +91,15 @@ def test_resume_refuses_a_changed_config(tmp_path):
 
 def test_existing_run_is_refused_with_resume_false(tmp_path):
     """resume=auto (the default) continues a run (test below); resume=false refuses a directory that holds one."""
-    run_klrl("train", *FAST, "steps=1", f"hydra.run.dir={tmp_path}", cwd=tmp_path, check=True)
+    first = run_klrl("train", *FAST, "steps=1", f"hydra.run.dir={tmp_path}", cwd=tmp_path, check=True)
+    assert "Loading weights" not in first.stderr + first.stdout  # progress=false silences transformers' bars too
     before = (tmp_path / "metrics.jsonl").read_text()
+    times = {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in [tmp_path, *tmp_path.rglob("*")]}
     proc = run_klrl("train", *FAST, "steps=1", "resume=false", f"hydra.run.dir={tmp_path}", cwd=tmp_path)
-    assert proc.returncode == 2 and "resume=auto" in proc.stderr
+    assert proc.returncode == 2 and "completed at step 1: resume=auto reports it and steps > 1 continues it" in proc.stderr
     assert (tmp_path / "metrics.jsonl").read_text() == before
+    # refused: not even the directory's modification time moved (the writability probe puts it back)
+    assert {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in [tmp_path, *tmp_path.rglob("*")]} == times
 
 
 def test_completed_run_with_resume_is_skipped(tmp_path):

@@ -170,7 +170,8 @@ NAME_MAX, PATH_MAX = 255, 4096  # bytes of one path component and of a whole pat
 
 def unwritable(path: str | os.PathLike, kind: str = "dir") -> str | None:
     """Why `path` cannot be written as a directory (kind="dir") or a file, or None. Creates nothing that stays: it
-    probes the nearest existing directory by making (and removing) a temporary directory in it."""
+    probes the nearest existing directory by making (and removing) a temporary directory in it, and puts back
+    that directory's access and modification times."""
     text = os.fspath(path)
     if not text.strip():
         return "the path is empty"
@@ -191,7 +192,9 @@ def unwritable(path: str | os.PathLike, kind: str = "dir") -> str | None:
             probe = probe.parent
         if not probe.is_dir():
             return f"{probe} is not a directory"
+        st = probe.stat()
         os.rmdir(tempfile.mkdtemp(prefix=".klrl-probe-", dir=probe))
+        os.utime(probe, ns=(st.st_atime_ns, st.st_mtime_ns))  # an existing run's directory keeps its times
     except OSError as e:
         return e.strerror or type(e).__name__
     return None

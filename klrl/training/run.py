@@ -39,7 +39,11 @@ def check_run(cfg, run: RunDir) -> str | None:
     except ValueError as e:
         raise ConfigError(f"{run.path}: {e}; move that run away or choose another hydra.run.dir") from None
     if cfg.resume is False and (has_ckpt or stored is not None):
-        raise ConfigError(f"{run.path} already holds a run; resume=auto continues it, or choose another hydra.run.dir")
+        state, at = (summary or {}).get("status"), (summary or {}).get("step")
+        hint = ("resume=auto reports it" + (f" and steps > {at} continues it" if state == "completed" else "")
+                if state in FINAL else "resume=auto continues it")
+        done = f", {state} at step {at}" if state in FINAL else ""
+        raise ConfigError(f"{run.path} already holds a run{done}: {hint}, or choose another hydra.run.dir")
     if cfg.resume is True and not has_ckpt:
         raise ConfigError(f"resume=true but {run.path} holds no checkpoint to continue; resume=auto starts a new run")
     reached = (summary or {}).get("step") or 0

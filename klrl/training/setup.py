@@ -44,6 +44,10 @@ def build(cfg) -> Parts:
     if cfg.async_mode == "pipeline" and dist.world > 1:
         raise ConfigError("async_mode=pipeline runs with a single trainer process; use async_mode=sim with several ranks")
     torch.manual_seed(cfg.seed)
+    if not cfg.progress:  # transformers' own bars (loading weights) follow the run's progress=false too
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     task = TASKS[cfg.task.name](cfg.task, cfg.seed)
     model, tokenizer = load_model(cfg.model, task, cfg.task, cfg.cache_dir)
     model.to(device)
