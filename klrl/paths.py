@@ -32,3 +32,13 @@ def _data_dir(package: str, folder: str, marker: str) -> Path:
 
 CONF_DIR = str(_data_dir("klrl._conf", "conf", "train.yaml"))
 SWEEPS_DIR = _data_dir("klrl._sweeps", "sweeps", ".")
+
+
+def install_hint(extra: str) -> str:
+    """The pip command that adds klrl's optional extra: from the checkout klrl runs from (with its pinned versions)
+    when there is one, else by name."""
+    root = Path(__file__).resolve().parent.parent
+    if (root / "pyproject.toml").exists():
+        pins = "-c constraints.txt " if (root / "constraints.txt").exists() else ""
+        return f"pip install {pins}-e '.[{extra}]' in {root}"
+    return f"pip install 'klrl[{extra}]'"

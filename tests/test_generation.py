@@ -17,6 +17,7 @@ import torch
 from klrl.config.validate import validate
 
 from klrl.errors import ConfigError
+from klrl.paths import install_hint
 from klrl.sampling.generation import HFGenerator, logprob_mismatch, make_generator
 from klrl.models.registry import load_model
 from klrl.sampling.rollout import encode_prompts, generate, response_logits, rollout_from_tokens, token_logprobs
@@ -141,7 +142,7 @@ def test_vllm_is_refused_where_it_is_not_installed(tmp_path):
         pytest.skip("vLLM is installed here")  # the refusal under test only exists where it is not
     proc = run_klrl("train", "generation.backend=vllm", cwd=tmp_path)
     _one_line_refusal(proc, "generation.backend=vllm but vLLM is not installed here; install the extra "
-                            "(pip install -e '.[vllm]', on a machine with a CUDA GPU) or use generation.backend=hf")
+                            f"({install_hint('vllm')}, on a machine with a CUDA GPU) or use generation.backend=hf")
     assert not (tmp_path / "outputs").exists()
 
 

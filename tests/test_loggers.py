@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from klrl.paths import install_hint
 from klrl.runs.rundir import SUMMARY, read_json, read_metrics, run_name
 from klrl.training.trainer import train
 
@@ -170,7 +171,7 @@ def test_a_missing_package_is_refused_in_one_line(logger, package, tmp_path):
                           cwd=tmp_path, capture_output=True, text=True, env=dict(os.environ), timeout=300)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"klrl: logger={logger} needs the {package} package: "
-                                                f"pip install 'klrl[{logger}]'"]
+                                                f"{install_hint(logger)}"]
     assert not list(tmp_path.iterdir())  # nothing built or written
 
 

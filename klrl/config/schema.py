@@ -21,6 +21,7 @@ from klrl.config.specs import PLACEMENTS, is_off_policy
 from klrl.core.estimators import ESTIMATORS
 from klrl.core.losses import AGGREGATIONS, BASELINES, REWARD_FORMS
 from klrl.errors import ConfigError
+from klrl.paths import install_hint
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 PLACEMENT_NAMES = ("none", "reward", "loss", "both")
@@ -186,7 +187,7 @@ class GenerationConfig:
 def vllm_unavailable() -> str | None:
     """Why generation.backend=vllm cannot run here (one line), or None. Cheap: does not import vLLM."""
     if importlib.util.find_spec("vllm") is None:
-        return ("generation.backend=vllm but vLLM is not installed here; install the extra (pip install -e '.[vllm]', "
+        return (f"generation.backend=vllm but vLLM is not installed here; install the extra ({install_hint('vllm')}, "
                 "on a machine with a CUDA GPU) or use generation.backend=hf")
     import torch
 
@@ -289,7 +290,7 @@ class LoggerConfig:
         for name, modules in LOGGER_PACKAGES.items():
             gone = node.get(name) is not None and _missing(*modules)
             if gone:
-                raise ConfigError(f"logger={name} needs the {gone} package: pip install 'klrl[{name}]'")
+                raise ConfigError(f"logger={name} needs the {gone} package: {install_hint(name)}")
         if node.get("wandb") is not None and wandb_login_missing():
             raise ConfigError(NO_WANDB_LOGIN)
 
