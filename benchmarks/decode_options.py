@@ -20,7 +20,6 @@ import functools
 import json
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
@@ -66,10 +65,10 @@ def static_decode(model, ids, attn, L, pad, ends, greedy):
     """klrl's decode, the KV cache a transformers StaticCache (preallocated to prompt + L) instead of dynamic."""
     from transformers import StaticCache
 
-    from klrl.sampling import rollout
+    from klrl.sampling import prefix, rollout
 
     cache = StaticCache(config=model.config, max_cache_len=ids.shape[1] + L)
-    key = rollout._cache_key(model)
+    key = prefix.cache_key(model)
     fwd = model.forward
 
     @functools.wraps(fwd)  # keeps forward's signature: decode picks its cache keyword from it

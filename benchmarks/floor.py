@@ -72,9 +72,9 @@ class FloorStepper:
         """[B, L] tokens: prefill, then one forward per token with the KV cache."""
         import torch
 
-        from klrl.sampling.rollout import _cache_key  # `cache` (transformers >= 5.2x) or `past_key_values`
+        from klrl.sampling.prefix import cache_key  # `cache` (transformers >= 5.2x) or `past_key_values`
 
-        key = _cache_key(self.model)
+        key = cache_key(self.model)
         pos = (attn.cumsum(-1) - 1).clamp(min=0)
         with torch.no_grad():
             out = self.model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1)

@@ -28,26 +28,23 @@ def test_prompt_groups_finds_each_distinct_prompt_in_order_of_first_appearance()
     assert prompt_groups(ids[:2], attn[:2]) is None  # nothing shared: one pass per row as before
 
 
-def _unshared(model, ro):
-    """response_logits with every row's prompt made distinct for the grouping only (the model sees the same rows)."""
+def _unshared(model, ro, monkeypatch):
+    """response_logits with no rows grouped (one pass per row over the same rows)."""
     import klrl.sampling.rollout as rollout
 
-    real = rollout.prompt_groups
-    rollout.prompt_groups = lambda ids, attn: None
-    try:
+    with monkeypatch.context() as m:
+        m.setattr(rollout, "prompt_groups", lambda ids, attn: None)
         return response_logits(model, ro)
-    finally:
-        rollout.prompt_groups = real
 
 
 @pytest.mark.parametrize("max_new", [1, 9])
-def test_shared_prompt_pass_gives_the_logits_and_gradient_of_one_pass_per_row(tiny, max_new):
+def test_shared_prompt_pass_gives_the_logits_and_gradient_of_one_pass_per_row(tiny, max_new, monkeypatch):
     _, model, tok, prompts = tiny
     torch.manual_seed(0)
     ro = generate(model, tok, grouped(prompts), max_new)
     assert prompt_groups(ro.input_ids[:, : ro.prompt_len - 1], ro.attention_mask[:, : ro.prompt_len - 1]) is not None
     a, b = copy.deepcopy(model).train(), copy.deepcopy(model).train()
-    la, lb = response_logits(a, ro), _unshared(b, ro)
+    la, lb = response_logits(a, ro), _unshared(b, ro, monkeypatch)
     assert la.shape == lb.shape == (*ro.responses.shape, model.config.vocab_size)
     torch.testing.assert_close(la, lb, rtol=1e-5, atol=1e-5)
     w = torch.randn_like(la)  # a generic scalar of every logit: the whole Jacobian is exercised

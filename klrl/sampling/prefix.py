@@ -38,6 +38,13 @@ def can_share(model) -> bool:
                    for m in model.modules())
 
 
+def cache_key(model) -> str:
+    """The keyword of the KV cache in the model's forward: `cache` (transformers >= 5.2x), `past_key_values` before."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def cache_of(out):
     """The KV cache a transformers forward returned: `cache` (transformers >= 5.2x) or `past_key_values`."""
     return out.cache if hasattr(out, "cache") else out.past_key_values

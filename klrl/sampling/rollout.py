@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from klrl.core.distributions import exact_kl_entropy, sampling_logits, token_logprobs
-from klrl.sampling.prefix import cache_of, can_share, prefill, prompt_groups
+from klrl.sampling.prefix import cache_key, cache_of, can_share, prefill, prompt_groups
 
 
 @dataclass
@@ -137,13 +137,6 @@ def generate(
     return Rollout(torch.cat([ids, responses], -1), torch.cat([attn, rmask.long()], -1), width, rmask, lp)
 
 
-def _cache_key(model) -> str:
-    """The keyword of the KV cache in the model's forward: `cache` (transformers >= 5.2x), `past_key_values` before."""
-    import inspect
-
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
 def decode(model, ids: Tensor, attn: Tensor, max_new_tokens: int, pad: int, ends: Sequence[int],
            temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False, want_logp: bool = False,
            min_new_tokens: int = 0) -> tuple[Tensor, Tensor | None]:
@@ -156,7 +149,7 @@ def decode(model, ids: Tensor, attn: Tensor, max_new_tokens: int, pad: int, ends
     one `torch.multinomial` draw per step from softmax of the processed float32 scores (argmax when greedy), end
     ids masked to -inf before min_new_tokens, finished rows fed pad. The same seed gives the same tokens."""
     B = ids.shape[0]
-    key = _cache_key(model)
+    key = cache_key(model)
     pos = (attn.cumsum(-1) - 1).masked_fill(attn == 0, 0)
     logits, cache = prefill(model, ids, attn, pos, prompt_groups(ids, attn))
     end_t = torch.tensor(list(ends), device=ids.device)
@@ -211,7 +204,7 @@ def response_logits(model, rollout: Rollout) -> Tensor:
     # logits are the first response token's distribution, and the last response token's are never used).
     _, cache = prefill(model, ids[:, : P - 1], attn[:, : P - 1], pos[:, : P - 1], groups)
     out = model(input_ids=ids[:, P - 1 : -1], attention_mask=attn[:, :-1], position_ids=pos[:, P - 1 : -1],
-                use_cache=True, **{_cache_key(model): cache})
+                use_cache=True, **{cache_key(model): cache})
     return out.logits
 
 
