@@ -203,6 +203,9 @@ TRAIN = [
     ("algo.updates_per_batch=2 algo.is_truncate=2 algo.dual_clip=3", "algo.dual_clip=3.0 has no effect without"),
     ("algo.updates_per_batch=2 algo.ratio_clip=0.2 algo.dual_clip=1", "algo.dual_clip=1"),
     ("model.hidden_size=65", "model.hidden_size=65 must be divisible"),
+    # a wrong type under a model source's or task's own schema: the field's range, not OmegaConf's wording
+    ("model.cpu_threads=abc", "model.cpu_threads=abc is not valid; it must be an integer in 1..4096"),
+    ("model.warmstart.steps=x", "model.warmstart.steps=x is not valid; it must be an integer in 0.."),
     ("task.ood_digits=2", "task.ood_digits=2 equals task.digits"),
     ("task=countdown", "model=tiny cannot read task=countdown's prompts"),
     ("task.prompt=boxed", "task.prompt=boxed needs a pretrained model's tokenizer"),

@@ -110,11 +110,27 @@ def explain(err: Exception, overrides: list[str] = ()) -> str:
     if m:
         return str(suggest(full_key or m.group(1), overrides))
     m = re.match(r"Value '(.*?)' (?:of type '\w+' )?could not be converted to \w+", text)
-    if m and full_key and (what := accepts(full_key, TrainConfig)):  # OmegaConf's wording names no valid range
+    if m and full_key and (what := field_accepts(full_key)):  # OmegaConf's wording names no valid range
         return f"{full_key}={m.group(1)} is not valid; {what}"
     if full_key:
         return f"{full_key}: {text}"
     return text
+
+
+def field_accepts(key: str) -> str | None:
+    """What the config field at dotted `key` accepts, in words: from TrainConfig, or for model.* and task.* keys
+    from the schema of the model source or task that declares the field."""
+    what = accepts(key, TrainConfig)
+    group, _, rest = key.partition(".")
+    if what is None and group in ("model", "task"):
+        from klrl.models.registry import SOURCES
+        from klrl.tasks import TASKS
+
+        for owner in (SOURCES if group == "model" else TASKS).values():
+            what = accepts(rest, owner.schema)
+            if what:
+                break
+    return what
 
 
 def _unselected_candidates(overrides: list[str]) -> list[tuple[str, str, str]]:
