@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from klrl.runs.checkpoint import PREVIOUS
-from klrl.runs.rundir import CHECKPOINT, RunDir, read_json, read_metrics
+from klrl.runs.rundir import CHECKPOINT, RunDir, config_diff, read_json, read_metrics
 
 from conftest import FAST, run_klrl
 
@@ -226,3 +226,19 @@ def test_atomic_writes_get_the_mode_open_gives(tmp_path, umask, expected):
     modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
     assert modes == {"a.txt": expected, "b.bin": expected, "plain.txt": expected}
     assert read_json(tmp_path / "a.txt") == {"replaced": True}
+
+
+def test_a_changed_group_option_is_named_once_in_the_config_difference():
+    """Refusing a resume names what the user changed: placement=reward -> loss is one entry, not every key that
+    follows from the option; a changed key inside the same option is named by its path."""
+    from klrl.cli.compose import compose
+    from klrl.runs.rundir import comparable
+
+    base = comparable(compose(["placement=reward"], check=False))
+    assert config_diff(base, comparable(compose(["placement=loss"], check=False))) == [
+        "placement: 'reward' -> 'loss'"]
+    assert config_diff(base, comparable(compose(["placement=reward", "placement.reward_form=togo"], check=False))) \
+        == ["placement.reward_form: 'seqsum' -> 'togo'"]
+    assert config_diff(base, comparable(compose(["placement=reward", "preset=trl_grpo", "placement=loss"],
+                                                check=False)))[-1] == "preset: None -> 'trl_grpo'"
+    assert config_diff(base, base) == []

@@ -179,11 +179,16 @@ def set_rng_state(state: dict) -> None:
 
 
 def config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
-    """`key: old -> new` for every leaf that differs between two nested config dicts."""
+    """`key: old -> new` for every leaf that differs between two nested config dicts. A config group whose option
+    changed (its `name`: placement=reward -> loss) is one entry, `placement: 'reward' -> 'loss'`: the rest of its
+    keys follow from the option."""
     out = []
     for k in sorted(set(a) | set(b)):
         va, vb = a.get(k), b.get(k)
-        if isinstance(va, dict) and isinstance(vb, dict):
+        na, nb = (v.get("name") if isinstance(v, dict) else None for v in (va, vb))
+        if (na is not None or nb is not None) and na != nb:
+            out.append(f"{prefix}{k}: {na!r} -> {nb!r}")
+        elif isinstance(va, dict) and isinstance(vb, dict):
             out += config_diff(va, vb, f"{prefix}{k}.")
         elif va != vb:
             out.append(f"{prefix}{k}: {va!r} -> {vb!r}")
