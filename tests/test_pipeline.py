@@ -191,13 +191,20 @@ def test_a_killed_generator_is_reported(one_thread):
         pipe.close()
 
 
+def sigint_default() -> None:
+    """SIGINT's default action in the child, as in a job in a terminal's foreground. A test suite started in the
+    background of a script (`python -m pytest &`) inherits SIGINT ignored (POSIX: asynchronous commands without
+    job control), and so would every process it starts: Ctrl-C could not reach them."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("how", ["sigint-group", "sigint-parent", "sigkill-parent"])
 def test_no_orphans_after_ctrl_c_or_kill(tmp_path, how):
     run_dir = tmp_path / "run"
     log = open(tmp_path / "stderr", "w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "klrl", "train", *PIPE, "async_level=2", "steps=500", f"hydra.run.dir={run_dir}"],
-        cwd=tmp_path, stdout=log, stderr=log, start_new_session=True, env={**os.environ},
+        cwd=tmp_path, stdout=log, stderr=log, start_new_session=True, env={**os.environ}, preexec_fn=sigint_default,
     )
     try:
         deadline = time.monotonic() + 180
