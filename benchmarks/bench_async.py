@@ -30,10 +30,10 @@ from klrl.cli.train import CONF_DIR
 from klrl.models.registry import load_model
 from klrl.runs.rundir import read_metrics
 from klrl.tasks import TASKS
-from report import machine, save  # benchmarks/report.py
+from report import COUNT, THREADS, machine, save  # benchmarks/report.py
 
 SKIP = 3
-COMMON = ["progress=false", "tensorboard=false", "eval.at_start=false", "ckpt_every=100000", "algo.is_truncate=8"]
+COMMON = ["progress=false", "logger=none", "eval.at_start=false", "ckpt_every=100000", "algo.is_truncate=8"]
 MODES = {  # name: (overrides, torch threads per process)
     "sync, 1 thread": (["async_level=0"], 1),
     "pipeline k=1, 1+1 threads": (["async_mode=pipeline", "async_level=1"], 1),
@@ -83,9 +83,9 @@ def run(overrides: list[str], threads: int, run_dir: Path) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--steps", type=COUNT, default=40)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=1, help="torch threads of the synchronous trainer")
+    ap.add_argument("--threads", type=THREADS, default=1, help="torch threads of the synchronous trainer")
     args, extra = ap.parse_known_args()
     if args.threads != 1:
         MODES[f"sync, {args.threads} threads"] = (["async_level=0"], args.threads)

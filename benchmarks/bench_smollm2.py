@@ -18,7 +18,7 @@ from report import machine, print_metrics, save  # benchmarks/report.py
 
 DEFAULTS = ["model=smollm2-135m", "task=countdown", "steps=4", "algo.prompts_per_step=4", "algo.group_size=4",
             "task.max_new_tokens=256", "task.partial_credit=true", "task.eval_size=16", "eval.n_samples=1",
-            "eval.greedy=false", "estimator=k3", "placement=loss", "beta=0.1", "optim.lr=1e-6", "tensorboard=false"]
+            "eval.greedy=false", "estimator=k3", "placement=loss", "beta=0.1", "optim.lr=1e-6", "logger=none"]
 
 
 def main() -> None:

@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from report import RESULTS, machine, save  # benchmarks/report.py
+from report import RESULTS, THREADS, machine, save  # benchmarks/report.py
 from vs_trl import WORKLOADS, bench_prompts, compose_config
 
 
@@ -162,7 +162,7 @@ def compare(runs: dict, L: int, base: str) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", choices=WORKLOADS, default="tiny")
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--threads", type=THREADS, default=1)
     ap.add_argument("--new-tokens", type=int, default=None, help="default: the workload's")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--only", nargs="*", default=None, help="a subset of the options (the baseline always runs)")

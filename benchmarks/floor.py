@@ -35,7 +35,7 @@ import time
 import traceback
 from pathlib import Path
 
-from report import RESULTS, machine, save  # benchmarks/report.py
+from report import COUNT, NONNEG, RESULTS, THREADS, machine, save  # benchmarks/report.py
 from vs_trl import (BETA, PAIRINGS, WORKLOADS, bench_prompts, compose_config, expect, finish_workers, ratio_stats,
                     set_threads, start_workers, stop_workers)
 
@@ -222,9 +222,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", choices=WORKLOADS, default="tiny")
     ap.add_argument("--pairing", choices=[*PAIRINGS, "all"], default="all")
-    ap.add_argument("--steps", type=int, default=40)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--warmup", type=int, default=None, help="steps dropped (default 5, or 1 when --steps < 10)")
+    ap.add_argument("--steps", type=COUNT, default=40)
+    ap.add_argument("--threads", type=THREADS, default=1)
+    ap.add_argument("--warmup", type=NONNEG, default=None, help="steps dropped (default 5, or 1 when --steps < 10)")
     ap.add_argument("--out", default=str(RESULTS / "floor.json"), help="the JSON file, merged into")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra klrl config overrides")
     a = ap.parse_args()

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from report import machine, print_metrics, save  # benchmarks/report.py
+from report import THREADS, machine, print_metrics, save  # benchmarks/report.py
 from vs_trl import WORKLOADS, KlrlStepper
 
 
@@ -100,7 +100,7 @@ def figures(m: dict, n_params: int, peak: float) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=THREADS, default=2)
     ap.add_argument("--updates", type=int, default=3)
     a = ap.parse_args()
     res: dict = {}

@@ -9,12 +9,19 @@ from pathlib import Path
 
 import torch
 
+from klrl.config.constraints import Int, flag
+
 RESULTS = Path(__file__).parent / "results"
+# argparse types of the scripts' common flags: a bad value is a one-line usage error, before anything is built
+THREADS = flag(Int(1, 4096), int)
+COUNT = flag(Int(1), int)  # steps, repetitions
+NONNEG = flag(Int(0), int)  # warm-up steps dropped
 
 
 def machine() -> str:
+    n = torch.get_num_threads()
     return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads")
+            f"{n} thread{'' if n == 1 else 's'}")
 
 
 def save(res: dict, name: str) -> Path:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from report import RESULTS, machine, save  # benchmarks/report.py
+from report import COUNT, RESULTS, THREADS, machine, save  # benchmarks/report.py
 from vs_trl import PAIRINGS, WORKLOADS, KlrlStepper
 
 
@@ -103,7 +103,7 @@ def forward_cost(model, batch: int, length: int, reps: int = 100) -> dict:
     one = torch.ones(1, 1, dtype=torch.long)
     full = torch.ones(batch, length, dtype=torch.long)
     model.train()
-    out = {"shape": [batch, length]}
+    out = {}
     for name, fn in (("forward", fwd), ("forward_backward", fwd_bwd)):
         with FlopCounterMode(display=False) as fc:
             fn(full)
@@ -113,22 +113,41 @@ def forward_cost(model, batch: int, length: int, reps: int = 100) -> dict:
     return out
 
 
+def summary_line(r: dict) -> str:
+    s, parts = r["sections"], r["sections"]["sections_ms"]
+    model = sum(v for k, v in parts.items() if "forward" in k or "backward" in k or "model calls" in k)
+    return (f"step {s['step_ms']:.1f} ms = generate {s['generate_ms']:.1f} + update {s['update_ms']:.1f}; model "
+            f"forwards (with sampling) and backward {model:.1f} ms, the rest (klrl, AdamW, I/O) "
+            f"{s['step_ms'] - model:.1f} ms; one forward: {r['model_forward']['forward']['one_token_ms']:.2f} ms at "
+            f"1 token, {r['model_forward']['forward']['batch_ms']:.2f} ms at {r['model_forward']['rows']} x "
+            f"{r['model_forward']['tokens']} tokens")
+
+
 def main() -> None:
+    from klrl.errors import ConfigError
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", choices=WORKLOADS, default="tiny")
     ap.add_argument("--pairing", choices=PAIRINGS, default="grpo_k3_loss")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--steps", type=int, default=40)
-    ap.add_argument("--out", default=str(RESULTS / "step_breakdown.json"), help="the JSON file, merged into")
-    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra klrl config overrides")
+    ap.add_argument("--threads", type=THREADS, default=1)
+    ap.add_argument("--steps", type=COUNT, default=40, help="timed steps, after 5 warm-up steps")
+    ap.add_argument("--out", default=str(RESULTS / "step_breakdown.json"),
+                    help="the JSON file, merged into (default: the committed results the README quotes)")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="extra klrl config overrides (recorded in the entry)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     w = {**WORKLOADS[a.model], "overrides": list(a.set)}
-    stepper = KlrlStepper(w, a.pairing, a.threads, Path(tempfile.mkdtemp(prefix="step_breakdown-")))
-    torch.manual_seed(0)
-    r = {"sections": sections(stepper, a.steps)}
-    width = int(stepper.collect().rollout.input_ids.shape[1])  # prompt + response tokens of a batch
-    r["model_forward"] = forward_cost(stepper.p.model, w["prompts"] * w["group"], width)
+    with tempfile.TemporaryDirectory(prefix="step_breakdown-") as tmp:
+        try:
+            stepper = KlrlStepper(w, a.pairing, a.threads, Path(tmp))
+        except ConfigError as e:
+            ap.error(f"--set: {e}")
+        torch.manual_seed(0)
+        r = {"klrl_overrides": list(a.set), "sections": sections(stepper, a.steps)}
+        rows, tokens = stepper.collect().rollout.input_ids.shape  # a batch: its rows, prompt + response tokens
+        r["model_forward"] = {"rows": int(rows), "tokens": int(tokens), **forward_cost(stepper.p.model, rows, tokens)}
+        stepper.close()
     r.update(machine=machine(), measured_at=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()))
     path = Path(a.out)
     res = json.loads(path.read_text()) if path.exists() else {}
@@ -138,6 +157,7 @@ def main() -> None:
     else:
         path.write_text(json.dumps(res, indent=2) + "\n")
     print(json.dumps(r, indent=2))
+    print(summary_line(r))
 
 
 if __name__ == "__main__":

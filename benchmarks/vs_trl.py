@@ -48,7 +48,7 @@ from pathlib import Path
 
 import numpy as np
 
-from report import RESULTS, machine, save  # benchmarks/report.py
+from report import COUNT, NONNEG, RESULTS, THREADS, machine, save  # benchmarks/report.py
 
 PAIRINGS = {
     "grpo_k3_loss": {"klrl": ["algo=grpo", "estimator=k3", "placement=loss"], "trl": "grpo"},
@@ -560,9 +560,9 @@ def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", choices=WORKLOADS, default="tiny")
     ap.add_argument("--pairing", choices=[*PAIRINGS, "all"], default="all")
-    ap.add_argument("--steps", type=int, default=60)
-    ap.add_argument("--threads", type=int, nargs="+", default=[1], help="one run per thread count")
-    ap.add_argument("--warmup", type=int, default=None, help="steps dropped before the medians (default 5, or 2 "
+    ap.add_argument("--steps", type=COUNT, default=60)
+    ap.add_argument("--threads", type=THREADS, nargs="+", default=[1], help="one run per thread count")
+    ap.add_argument("--warmup", type=NONNEG, default=None, help="steps dropped before the medians (default 5, or 2 "
                                                                 "when --steps < 30, 1 when --steps < 6)")
     ap.add_argument("--out", default=str(RESULTS / "vs_trl.json"), help="the JSON file, merged into")
     ap.add_argument("--compile", action="store_true",
@@ -575,6 +575,12 @@ def parse_args() -> argparse.Namespace:
         a.warmup = 5 if a.steps >= 30 else 2 if a.steps >= 6 else 1
     if a.steps < a.warmup + 1:
         ap.error(f"--steps must exceed the {a.warmup} warm-up steps")
+    from klrl.errors import ConfigError
+
+    try:  # the workers would compose the same config; a bad --set is a usage error here, before any is started
+        compose_config({**WORKLOADS[a.model], "overrides": list(a.set)}, next(iter(PAIRINGS)), a.threads[0])
+    except ConfigError as e:
+        ap.error(f"--set: {e}")
     return a
 
 

@@ -84,6 +84,22 @@ def test_step_breakdown_accounts_for_the_step(tmp_path):
     assert gen <= s["generate_ms"] * 1.01 and upd <= s["update_ms"] * 1.01, s
     assert s["generate_ms"] + s["update_ms"] <= s["step_ms"] * 1.01, s
     f = r["model_forward"]
-    assert f["shape"][0] == 64
+    assert f["rows"] == 64 and f["tokens"] > 8 and r["klrl_overrides"] == ["model.warmstart.steps=40"]
+    assert p.stdout.strip().splitlines()[-1].startswith(f"step {s['step_ms']:.1f} ms = generate")
     for name in ("forward", "forward_backward"):
         assert 0 < f[name]["one_token_ms"] < f[name]["batch_ms"] and f[name]["batch_gflops"] > 0, f
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--steps", "0"], "argument --steps: 0 is not valid; it must be an integer"),
+    (["--threads", "0"], "argument --threads: 0 is not valid; it must be an integer in 1..4096"),
+    (["--set", "estimater=k3"], "--set: unknown key 'estimater'; did you mean estimator"),
+])
+def test_step_breakdown_refuses_bad_flags_in_one_line(args, message, tmp_path):
+    out = tmp_path / "breakdown.json"
+    env = {**os.environ, "TMPDIR": str(tmp_path)}  # where its scratch run directory would be left
+    p = subprocess.run([sys.executable, str(BENCH / "step_breakdown.py"), "--out", str(out), *args], cwd=BENCH,
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert p.returncode == 2 and message in p.stderr.strip().splitlines()[-1], p.stderr[-2000:]
+    assert "Traceback" not in p.stderr
+    assert not out.exists() and not list(tmp_path.glob("step_breakdown-*"))
