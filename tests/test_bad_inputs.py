@@ -150,6 +150,7 @@ TRAIN = [
     # unknown keys, at every level, with the closest valid keys
     ("nosuchkey=1", "unknown key 'nosuchkey'"),
     ("bta=0.1", "did you mean beta"),
+    ("estimater=k3", "unknown key 'estimater'; did you mean estimator?"),  # the near ones only (not resume)
     ("optim.lrr=1e-3", "did you mean optim.lr"),
     ("optimm.lr=1e-3", "did you mean optim"),
     ("model.hidden_sze=32", "did you mean model.hidden_size"),
@@ -250,6 +251,8 @@ TRAIN = [
     ("--cfg hydra hydra.foo=1", "unknown key 'hydra.foo'"),
     ("--info defaults estimator=k9", "estimator='k9'"),
     ("--cfg jobb", "--cfg"),
+    ("--steps 10", "unrecognized arguments: --steps; overrides are written key=value: steps=10"),
+    ("--beta=0.1", "overrides are written key=value: beta=0.1"),
     ("--info nosuch", "--info"),
     ("--cfg job --package nosuch", "--package 'nosuch'"),
     ("--help estimator=k9", "estimator='k9'"),
@@ -395,9 +398,9 @@ OTHERS = [
     ("status", "give one sweep directory"),
     ("status {runs} {runs}", "give one sweep directory"),
     ("status {runs} --nosuch", "unknown option '--nosuch'"),
-    ("status {cwd}/nonexistent", "is not a sweep directory"),
-    ("status nosuchsweep", "is not a sweep directory"),
-    ("status {file}", "is not a sweep directory"),
+    ("status {cwd}/nonexistent", "nonexistent does not exist"),
+    ("status nosuchsweep", "nosuchsweep does not exist (nor is outputs/sweeps/nosuchsweep a sweep)"),
+    ("status {file}", "is not a directory"),
     ("status ''", "is not a sweep directory"),
 ]
 CASES = [("train " + args, frag) for args, frag in TRAIN] + OTHERS
@@ -413,7 +416,7 @@ SUBPROCESS = [
     ("audit --json /proc/x/a.json", "--json"),
     ("eval {bad}/ckpt_trunc", "no readable checkpoint"),
     ("table {runs} --csv /proc/x.csv", "--csv"),
-    ("status {file}", "is not a sweep directory"),
+    ("status {file}", "is not a directory"),
 ]
 TIMES: dict[str, float] = {}
 

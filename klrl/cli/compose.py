@@ -270,22 +270,35 @@ def compose(overrides: list[str], hydra: bool = False, check: bool = True) -> Di
     return cfg
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(args: list[str] = ()) -> argparse.ArgumentParser:
     from klrl.hydra_private import get_args_parser  # Hydra's own command line: the flags klrl train takes
 
     parser = get_args_parser()
 
     def error(message: str):  # argparse prints usage and a message over several lines; klrl's is one
-        raise ConfigError(f"train: {message}")
+        raise ConfigError(f"train: {message}{_as_override(message, list(args))}")
 
     parser.error = error  # type: ignore[method-assign]
     return parser
 
 
+def _as_override(message: str, args: list[str]) -> str:
+    """For `--steps 10` or `--steps=10` among argparse's unrecognized arguments: the override that was meant."""
+    if not message.startswith("unrecognized arguments:"):
+        return ""
+    for i, a in enumerate(args):
+        if a.startswith("--") and len(a) > 2 and a in message:
+            key, eq, value = a[2:].partition("=")
+            if not eq and i + 1 < len(args) and not args[i + 1].startswith("-") and "=" not in args[i + 1]:
+                value = args[i + 1]
+            return f"; overrides are written key=value: {key}={value or '...'}"
+    return ""
+
+
 def parse_args(args: list[str]) -> argparse.Namespace:
     """`klrl train`'s command line by Hydra's parser (flags and overrides in any order); ConfigError, one line,
     for what Hydra would refuse in several, and for Hydra flags klrl does not take."""
-    ns = _parser().parse_intermixed_args(args)
+    ns = _parser(args).parse_intermixed_args(args)
     for dest, name in UNSUPPORTED.items():
         if getattr(ns, dest):
             raise ConfigError(f"{name} is not valid with klrl train, which composes conf/train.yaml; choose groups "

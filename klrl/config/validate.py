@@ -67,6 +67,9 @@ def unknown_key(key: str, known: list[str]) -> ConfigError:
     """`key` is not a key; suggest the closest of `known` (the keys beside it), or list them."""
     where, _, leaf = key.rpartition(".")
     near = difflib.get_close_matches(leaf, known, n=3, cutoff=0.5)
+    if near:  # only the ones about as close as the best: 'estimater' means estimator, not resume
+        best = difflib.SequenceMatcher(None, leaf, near[0]).ratio()
+        near = [n for n in near if difflib.SequenceMatcher(None, leaf, n).ratio() >= best - 0.15]
     if near:
         names = ", ".join(f"{where}.{n}" if where else n for n in near)
         return ConfigError(f"unknown key {key!r}; did you mean {names}?")
