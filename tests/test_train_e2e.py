@@ -107,6 +107,7 @@ def test_completed_run_with_resume_is_skipped(tmp_path):
     before = (tmp_path / "metrics.jsonl").read_text()
     proc = run_klrl("train", *FAST, "steps=2", "resume=true", f"hydra.run.dir={tmp_path}", cwd=tmp_path, check=True)
     assert "already completed" in proc.stdout + proc.stderr
+    assert f"completed at step 2/2 already, nothing to do: {tmp_path}" in proc.stdout  # the report, no wall time
     assert (tmp_path / "metrics.jsonl").read_text() == before
 
 

@@ -27,7 +27,8 @@ def resolve_sweep_dir(arg: str) -> Path:
     named = Path.cwd() / SWEEP_ROOT / arg
     if "/" not in arg and named.is_dir():
         return named
-    raise FileNotFoundError(f"{arg} is not a sweep directory" + ("" if "/" in arg else f" (nor {SWEEP_ROOT / arg})"))
+    what = "is not a directory" if path.exists() else "does not exist"
+    raise FileNotFoundError(f"{arg} {what}" + ("" if "/" in arg else f" (nor is {SWEEP_ROOT / arg} a sweep)"))
 
 
 def main(args: list[str]) -> None:

@@ -127,6 +127,7 @@ def train_main(cfg: DictConfig) -> str:
     # In a sweep, a failing run raises: the launcher records it and the other runs go on. A single run exits.
     sweeping = hc.mode == RunMode.MULTIRUN
     t0 = time.monotonic()
+    finished = RunDir(run_dir).finished(cfg.steps)  # read only: a finished run is reported, not trained again
     try:
         status = train(cfg, run_dir)
     except ConfigError as e:
@@ -141,7 +142,7 @@ def train_main(cfg: DictConfig) -> str:
         fail(f"run failed ({type(e).__name__}: {e}); see {run_dir}", code=1)
     log.info("%s: %s", status, run_dir)
     if not sweeping and rank() == 0:  # a sweep's runs are reported together by `klrl table`
-        print(run_report(RunDir(run_dir), time.monotonic() - t0), flush=True)
+        print(run_report(RunDir(run_dir), None if finished else time.monotonic() - t0), flush=True)
     return status
 
 

@@ -281,9 +281,10 @@ def _last(records: list[dict], key: str) -> float | None:
     return next((r[key] for r in reversed(records) if r.get("kind") == "train" and key in r), None)
 
 
-def run_report(run: RunDir, wall_s: float) -> str:
+def run_report(run: RunDir, wall_s: float | None) -> str:
     """What `klrl train` prints at the end: each evaluation split's pass@1 and greedy accuracy at the start and the
-    end (95% bootstrap CIs over problems), the last exact KL and entropy, the status and the wall time."""
+    end (95% bootstrap CIs over problems), the last exact KL and entropy, the status and the wall time (None: this
+    command trained nothing, the run had already finished)."""
     import datetime
 
     import pandas as pd
@@ -300,9 +301,8 @@ def run_report(run: RunDir, wall_s: float) -> str:
         rows[label] = tuple("-" if v is None else f"{v:.4g}" for v in (first, last))
         rows[label] = (rows[label][0], "→", rows[label][1])
     table = pd.DataFrame.from_dict(rows, orient="index", columns=["start", "", "end"])
-    wall = datetime.timedelta(seconds=round(wall_s))
-    head = (f"{summary.get('status', 'unknown')} at step {summary.get('step')}/{summary.get('steps')} in {wall}: "
-            f"{run.path}")
+    when = "already, nothing to do" if wall_s is None else f"in {datetime.timedelta(seconds=round(wall_s))}"
+    head = f"{summary.get('status', 'unknown')} at step {summary.get('step')}/{summary.get('steps')} {when}: {run.path}"
     note = ("ID / OOD: in-domain / out-of-domain split; pass@1 and greedy: mean accuracy over problems [95% bootstrap "
             "CI]; KL (per sequence) and entropy (per token): first and last step")
     return "\n".join([head, table.to_string(), note])
