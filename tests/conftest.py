@@ -20,7 +20,7 @@ FAST = [
     "eval.bootstrap=50",
     "task.eval_size=8",
     "progress=false",
-    "tensorboard=false",
+    "logger=none",  # last: FAST[:-1] keeps the default logger (TensorBoard)
 ]
 
 

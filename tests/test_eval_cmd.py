@@ -22,7 +22,7 @@ def run_dir(tmp_path_factory):
     run = root / "run"
     proc = klrl("train", "steps=2", f"hydra.run.dir={run}", f"cache_dir={root / 'cache'}", "model.warmstart.steps=100",
                 "model.warmstart.batch_size=32", "task.digits=1", "task.ood_digits=2", "task.eval_size=16",
-                "algo.prompts_per_step=4", "algo.group_size=2", "eval.n_samples=2", "progress=false", "tensorboard=false")
+                "algo.prompts_per_step=4", "algo.group_size=2", "eval.n_samples=2", "progress=false", "logger=none")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return run
 
