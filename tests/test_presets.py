@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 
 from klrl.audit.verdicts import DEFAULT_TOY, Toy, verdict
 from klrl.cli.audit import FRAMEWORKS, framework_table, off_policy_config, preset_names, preset_row
+from klrl.cli.compose import preset_departures
 from klrl.config.specs import kl_spec, pg_spec, sampling_spec
 from klrl.config.validate import validate
 from klrl.core.losses import kl_terms, policy_loss, reward_to_go
@@ -219,8 +220,9 @@ def test_every_preset_trains(name, tmp_path):
 
 
 def test_klrl_train_preset_names_its_run_and_command_line_overrides_win(tmp_path):
-    run_klrl("train", "preset=slime_unbiased_kl", "beta=0.02", *FAST, "steps=1", "eval.at_start=false", cwd=tmp_path,
-             check=True)
+    proc = run_klrl("train", "preset=slime_unbiased_kl", "beta=0.02", *FAST, "steps=1", "eval.at_start=false",
+                    cwd=tmp_path, check=True)
+    assert "warning: preset" not in proc.stderr  # beta is the user's to tune: still the framework's setting
     (run,) = (tmp_path / "outputs" / "runs").glob("*/*preset=slime_unbiased_kl*")
     stored = OmegaConf.load(run / ".hydra" / "config.yaml")
     assert stored.preset.name == "slime_unbiased_kl" and stored.beta == 0.02
@@ -234,6 +236,39 @@ def test_command_line_choices_override_the_preset():
     assert (cfg.estimator.name, cfg.algo.name, cfg.algo.agg, cfg.beta) == ("k2", "rloo", "seq_sum", 0.5)
     assert cfg.estimator.clamp_value == 10 and cfg.preset.name == "verl_grpo_kl_loss"
     validate(cfg)
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_a_preset_alone_or_with_batch_and_beta_changes_is_its_framework_setting(name):
+    assert preset_departures(compose_cfg(f"preset={name}")) == []
+    assert preset_departures(compose_cfg(f"preset={name}", "beta=0.3", "algo.group_size=4", "optim.lr=1e-3")) == []
+
+
+def test_a_change_to_what_a_preset_sets_is_named():
+    """Group options, any estimator or placement key, and the keys the preset's YAML sets (algo.agg) depart from the
+    framework's setting; each is named with the preset's value first."""
+    assert preset_departures(compose_cfg("preset=trl_grpo", "placement=reward")) == ["placement: 'loss' -> 'reward'"]
+    assert preset_departures(compose_cfg("preset=trl_grpo", "algo.agg=seq_mean_token_mean")) == [
+        "algo.agg: 'token_mean' -> 'seq_mean_token_mean'"]
+    assert preset_departures(compose_cfg("preset=verl_k3plus", "estimator.clamp_value=5")) == [
+        "estimator.clamp_value: 10.0 -> 5.0"]
+    assert preset_departures(compose_cfg("preset=trl_grpo", "estimator.clamp_value=5")) == [
+        "estimator.clamp_value: None -> 5.0"]  # a knob the preset leaves off is part of its setting too
+    assert preset_departures(compose_cfg("estimator=k3", "placement=reward")) == []  # no preset, nothing to depart
+
+
+def test_klrl_train_and_audit_say_when_a_preset_was_changed(tmp_path, capsys):
+    proc = run_klrl("train", "preset=trl_grpo", "placement=reward", "--cfg", "job", cwd=tmp_path, check=True)
+    assert proc.stderr.strip().splitlines() == [
+        "klrl: warning: preset=trl_grpo with changes (placement: 'loss' -> 'reward'): not TRL's setting any more, and "
+        "maybe not its gradient; `klrl audit` with the same overrides gives the gradient this config trains with"]
+    assert "placement:\n  name: reward" in proc.stdout  # the config is shown as given: a warning, not a refusal
+    assert "warning" not in run_klrl("train", "preset=trl_grpo", "--cfg", "job", cwd=tmp_path, check=True).stderr
+    from klrl.cli.audit import main as audit_main
+
+    audit_main(["preset=trl_grpo", "placement=reward", "--policy", "tabular", "--sweep-lengths", "none"])
+    assert "changed from the preset here: placement: 'loss' -> 'reward': the gradient above is this config's, not " \
+           "TRL's own" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("name", ["verl_kl_in_reward", "nemo_rl_default", "nemo_rl_grpo_kl_in_reward"])

@@ -21,6 +21,7 @@ import torch
 from omegaconf import OmegaConf
 
 from klrl.cli.compose import compose as compose_config
+from klrl.cli.compose import preset_departures
 from klrl.config.constraints import Int, NonEmpty, NonNegative, flag, unwritable
 from klrl.config.schema import MAX_SEED
 from klrl.config.specs import is_off_policy, kl_spec, pg_spec, sampling_spec
@@ -362,6 +363,10 @@ def preset_summary(a: argparse.Namespace, cfg) -> dict:
           f"  gradient, on-policy, every response {toy.length} tokens long: {row['equal_lengths'].text}\n"
           f"  gradient, off-policy: {off.text}  (with {row['off_policy_knobs'] or 'no off-policy knobs'})\n"
           f"  noise: {noise_text}\n  differs from the framework: {row['differs'] or 'nothing klrl models'}")
+    changed = preset_departures(cfg)
+    if changed:  # the verdicts above are of this config, not of the framework's own setting
+        print(f"  changed from the preset here: {'; '.join(changed)}: the gradient above is this config's, not "
+              f"{row['framework']}'s own")
     return {**row, **{k: {**asdict(row[k]), "text": row[k].text} for k in ("on_policy", "equal_lengths", "off_policy")}}
 
 

@@ -385,3 +385,44 @@ def preflight(args: list[str]) -> list[DictConfig]:
             output_dir("hydra.sweep.dir", sweep_dir)
         distinct_runs(jobs, configs)
     return configs
+
+
+# Groups whose every key shapes the KL term's gradient; of the others a preset pins only the keys its YAML sets.
+KL_GROUPS = ("estimator", "placement")
+
+
+def preset_departures(cfg: DictConfig) -> list[str]:
+    """Where a config made with `preset=NAME` no longer has the framework's setting: `key: preset's -> this` for a
+    changed group option (placement: 'loss' -> 'reward'), any estimator or placement key, and the other keys the
+    preset's YAML sets. beta is the user's to tune and not compared. [] without a preset."""
+    from klrl.runs.rundir import config_diff
+
+    name = OmegaConf.select(cfg, "preset.name", default=None)
+    if not name:
+        return []
+    own = OmegaConf.to_container(OmegaConf.load(f"{CONF_DIR}/preset/{name}.yaml"))
+    groups = {key.rsplit("/", 1)[-1] for entry in own.pop("defaults", []) for key in entry}
+    own.pop("preset", None)
+    own.pop("beta", None)
+    ref = OmegaConf.to_container(compose([f"preset={name}"], check=False), resolve=True)
+    mine = OmegaConf.to_container(cfg, resolve=True)
+    out = []
+    for root in sorted(groups | set(own)):
+        a, b = ref.get(root), mine.get(root)
+        if root in groups and isinstance(a, dict) and isinstance(b, dict) and a.get("name") != b.get("name"):
+            out.append(f"{root}: {a.get('name')!r} -> {b.get('name')!r}")
+        elif root in KL_GROUPS or not isinstance(own.get(root), dict):
+            out += config_diff({root: a}, {root: b})
+        else:  # e.g. algo: only what the preset sets (agg, adv_eps), not the batch shape
+            out += config_diff({root: {k: a.get(k) for k in own[root]}}, {root: {k: b.get(k) for k in own[root]}})
+    return out
+
+
+def preset_warning(cfg: DictConfig) -> str | None:
+    """One line for a preset the config departs from (`preset_departures`), or None."""
+    changed = preset_departures(cfg)
+    if not changed:
+        return None
+    p = cfg.preset
+    return (f"preset={p.name} with changes ({'; '.join(changed)}): not {p.framework}'s setting any more, and maybe "
+            "not its gradient; `klrl audit` with the same overrides gives the gradient this config trains with")

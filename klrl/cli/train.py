@@ -19,7 +19,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from klrl.cli.compose import canonical, output_dir, parse_args, preflight, register_configs, split_args
+from klrl.cli.compose import (canonical, output_dir, parse_args, preflight, preset_warning, register_configs,
+                               split_args)
 from klrl.errors import ConfigError
 from klrl.paths import CONF_DIR
 from klrl.runs.rundir import check_nesting, run_name
@@ -100,6 +101,8 @@ def main(args: list[str]) -> None:
     CREATED.clear()  # what an earlier command of this process created is not this one's to remove
     try:
         configs = preflight(args)
+        for warning in dict.fromkeys(filter(None, map(preset_warning, configs or []))):
+            print(f"klrl: warning: {warning}", file=sys.stderr)
         args = canonical(parse_args(args))  # flags first, as Hydra's parser needs them
         single = configs and len(configs) == 1 and "-m" not in args
         if single and not any(a.split("=")[0] in INFO_FLAGS for a in args):
