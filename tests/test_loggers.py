@@ -20,7 +20,7 @@ from klrl.training.trainer import train
 
 from conftest import FAST, compose_cfg, run_klrl
 
-QUICK = [a for a in FAST if not a.startswith("tensorboard=")]  # the deprecated spelling, tested on its own below
+QUICK = [a for a in FAST if not a.startswith(("tensorboard=", "logger="))]  # each test picks its loggers
 
 
 @pytest.fixture(autouse=True)
