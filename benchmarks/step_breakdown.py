@@ -53,13 +53,7 @@ def sections(stepper: KlrlStepper, steps: int) -> dict:
     for name in ("policy_loss", "token_logprobs", "kl_and_entropy", "sequence_estimates", "metrics"):
         timed(update, name, t, "update: klrl's loss, log-probs and logged extras")
     backward = torch.Tensor.backward
-
-    def timed_backward(self, *a, **k):
-        t0 = time.perf_counter()
-        backward(self, *a, **k)
-        t["update: backward"] = t.get("update: backward", 0.0) + time.perf_counter() - t0
-
-    torch.Tensor.backward = timed_backward
+    timed(torch.Tensor, "backward", t, "update: backward")  # put back below: other code in the process calls it
     try:
         for _ in range(5):
             stepper.step()

@@ -400,22 +400,28 @@ def preset_departures(cfg: DictConfig) -> list[str]:
     name = OmegaConf.select(cfg, "preset.name", default=None)
     if not name:
         return []
-    own = OmegaConf.to_container(OmegaConf.load(f"{CONF_DIR}/preset/{name}.yaml"))
-    groups = {key.rsplit("/", 1)[-1] for entry in own.pop("defaults", []) for key in entry}
-    own.pop("preset", None)
-    own.pop("beta", None)
-    ref = OmegaConf.to_container(compose([f"preset={name}"], check=False), resolve=True)
+    groups, own, ref = _preset_reference(name)
     mine = OmegaConf.to_container(cfg, resolve=True)
     out = []
     for root in sorted(groups | set(own)):
         a, b = ref.get(root), mine.get(root)
-        if root in groups and isinstance(a, dict) and isinstance(b, dict) and a.get("name") != b.get("name"):
-            out.append(f"{root}: {a.get('name')!r} -> {b.get('name')!r}")
-        elif root in KL_GROUPS or not isinstance(own.get(root), dict):
-            out += config_diff({root: a}, {root: b})
-        else:  # e.g. algo: only what the preset sets (agg, adv_eps), not the batch shape
-            out += config_diff({root: {k: a.get(k) for k in own[root]}}, {root: {k: b.get(k) for k in own[root]}})
+        if root not in KL_GROUPS and isinstance(a, dict) and isinstance(b, dict):
+            # e.g. algo: its option and what the preset sets (agg, adv_eps), not the batch shape
+            keys = ["name"] * (root in groups) + list(own.get(root) or {})
+            a, b = ({k: d.get(k) for k in keys} for d in (a, b))
+        out += config_diff({root: a}, {root: b})  # a changed option is one entry (config_diff)
     return out
+
+
+@lru_cache(maxsize=None)
+def _preset_reference(name: str) -> tuple[frozenset, dict, dict]:
+    """A preset's overridden groups, the keys its YAML sets (beta and its metadata aside), and the config it
+    composes to alone."""
+    own = OmegaConf.to_container(OmegaConf.load(f"{CONF_DIR}/preset/{name}.yaml"))
+    groups = frozenset(key.rsplit("/", 1)[-1] for entry in own.pop("defaults", []) for key in entry)
+    for meta in ("preset", "beta"):
+        own.pop(meta, None)
+    return groups, own, OmegaConf.to_container(compose([f"preset={name}"], check=False), resolve=True)
 
 
 def preset_warning(cfg: DictConfig) -> str | None:
